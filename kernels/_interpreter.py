@@ -1,0 +1,105 @@
+"""Make Triton's CPU interpreter give the GPU's bf16 numerics.
+
+Under ``TRITON_INTERPRET=1`` Triton runs kernels as numpy, and it stores bf16 as raw ``uint16``.
+Two things then differ from a GPU (checked with triton 3.9):
+
+1. ``tl.dot`` on bf16 tiles multiplies the raw ``uint16`` bit patterns: the result is garbage
+   (relative error ~1e10). A GPU multiplies the bf16 values exactly and accumulates in fp32.
+2. fp32 -> bf16 casts truncate (``cast_impl`` passes no rounding mode), and the interpreter's own
+   "rtne" path rounds half up without handling the carry into the exponent. A GPU, PyTorch and
+   bitsandbytes round to nearest, ties to even.
+
+This module is the one place that corrects both, by replacing the interpreter builder's
+``create_dot``, ``cast_impl`` and ``create_fp_to_fp``. The kernels themselves stay written for the
+GPU. :func:`ensure` is idempotent, called by every launcher, and does nothing unless the
+interpreter is on, so compiled runs never touch Triton's internals.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_PATCHED = False
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """fp32 array -> bf16 bit patterns (uint16), round to nearest, ties to even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    lsb = (u >> np.uint32(16)) & np.uint32(1)
+    rounded = ((u + np.uint32(0x7FFF) + lsb) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(x)
+    if np.any(nan):
+        # keep sign, force a quiet-NaN mantissa (the add above could have carried into the sign)
+        rounded = np.where(nan, ((u >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16), rounded)
+    return rounded.reshape(np.shape(x))
+
+
+def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns (uint16) -> fp32 values, exact."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def ensure() -> None:
+    """Install the corrections into Triton's interpreter if it is active. Idempotent."""
+    global _PATCHED
+    if _PATCHED or not interpreter_active():
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = getattr(interp, "InterpreterBuilder", None)
+    handle = getattr(interp, "TensorHandle", None)
+    missing = [name for name in ("create_dot", "cast_impl", "create_fp_to_fp") if not hasattr(builder, name)]
+    if builder is None or handle is None or missing:
+        import triton
+
+        raise RuntimeError(
+            f"fastlora cannot correct the bf16 numerics of Triton {triton.__version__}'s interpreter: "
+            f"InterpreterBuilder lacks {missing or 'itself'}. Run the tests with a supported triton "
+            "(>=3.6,<3.10) or on a GPU."
+        )
+
+    orig_dot = builder.create_dot
+    orig_cast = builder.cast_impl
+    orig_fp_to_fp = builder.create_fp_to_fp
+
+    def _as_f32(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return handle(_bf16_bits_to_f32(h.data), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        # bf16 x bf16 -> fp32: the products of bf16 values are exact in fp32, as on the tensor cores.
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            a, b = _as_f32(a), _as_f32(b)
+            if d.dtype.scalar == tl.bfloat16:
+                d = _as_f32(d)
+        return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    def _to_bf16(self, src):
+        f32 = src.data if src.dtype.scalar == tl.float32 else orig_cast(self, src, tl.float32).data
+        return handle(_f32_to_bf16_bits(f32), tl.bfloat16)
+
+    def cast_impl(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16 and src.dtype.scalar.is_floating():
+            return _to_bf16(self, src)
+        return orig_cast(self, src, dst_type)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
+            return _to_bf16(self, src)
+        return orig_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.create_dot = create_dot
+    builder.cast_impl = cast_impl
+    builder.create_fp_to_fp = create_fp_to_fp
+    # the lambdas that alias cast_impl (create_fp_trunc, create_fp_ext, ...) look it up on self,
+    # so they pick up the corrected version too.
+    _PATCHED = True

@@ -1,0 +1,282 @@
+"""One GEMM kernel for every product of a (Q)LoRA layer, 4-bit decode in its main loop.
+
+Every product the layer needs has the shape  out[M, J] = oscale · Σ_i  Aop[m, i] · T[i, j]  (+ epilogue)
+where T is a view of a weight-like matrix W [Nw, Kw]:
+
+    TRANS_W = False  ->  T[i, j] = W[j, i]     (reduce over W's columns:  X·Wᵀ)
+    TRANS_W = True   ->  T[i, j] = W[i, j]     (reduce over W's rows:     dY·W)
+
+W is either bitsandbytes 4-bit (IS_4BIT: decoded tile by tile with ``quant4.decode_4bit``; no
+[N, K] float copy of W ever exists) or any strided dense tensor. The layer's products:
+
+    forward  Y  = X·Wᵀ   (+ s·H·Bᵀ + bias in the epilogue)     Aop = X,   W = W4,  TRANS_W = False
+             H  = D(X)·Aᵀ                                       Aop = X,   W = A,   dropout on Aop
+    backward dX = dY·W   (+ D'(s·G·A) in the epilogue)          Aop = dY,  W = W4,  TRANS_W = True
+             G  = dY·B                                          Aop = dY,  W = B,   TRANS_W = True
+             dA = s·Gᵀ·D(X)                                     Aop = Gᵀ,  W = X,   dropout on W
+             dB = s·dYᵀ·H                                       Aop = dYᵀ, W = H,   TRANS_W = True
+
+The epilogue (HAS_LORA) adds  s · L[m, :r] · R[:r, j]  with L = H (fwd) or G (bwd), R = Bᵀ or A, in
+fp32; optionally masked by dropout (DROPOUT = 3), plus a bias, plus the existing contents of ``out``
+(ACC_OUT, for the dequantize-then-cuBLAS strategy whose frozen product comes from torch.matmul).
+
+Dropout is a counter-based RNG: element (m, k) of X [M, K] is kept iff  rand(seed, m·K + k) >= p,
+kept values are scaled by 1/(1-p). The same (seed, m·K + k) regenerates the same mask wherever it
+is needed (DROPOUT = 1: on Aop, = 2: on W, = 3: on the epilogue term), so nothing mask-sized is
+stored. Offsets are int64 (M·K may pass 2³¹).
+
+Accumulation is fp32. Operands are cast to COMPUTE (the frozen product's dtype: bf16/fp16 for the
+tensor cores, fp32 with IEEE precision for the adapter products, as PyTorch does for fp32 matmul).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _interpreter
+from .quant4 import Packed4bit, check_device, decode_4bit, kernel_args
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# DROPOUT switch values
+DROP_NONE, DROP_AOP, DROP_W, DROP_EPILOGUE = 0, 1, 2, 3
+
+
+@triton.jit
+def _keep(seed, index, p):
+    """True where dropout keeps element ``index`` (int64 flat index into X [M, K])."""
+    return tl.rand(seed, index) >= p
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    # Aop [M, I], any strides
+    a_ptr, stride_am, stride_ai,
+    # W [Nw, Kw]: 4-bit (decode args) or dense (w_ptr + strides)
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    stride_wn, stride_wk, Kw,
+    # epilogue operands: L [M, rank] fp32, R [rank, J] any strides, bias [J]
+    l_ptr, stride_lm, stride_lr,
+    r_ptr, stride_rr, stride_rj,
+    bias_ptr,
+    # out [M, J]
+    out_ptr, stride_om, stride_oj,
+    M, J, I, rank,
+    out_scale, lora_scale, seed, p, keep_scale,
+    TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # -- grouped program order: GROUP_M row-blocks share each column-block of W while it is hot --
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_j = tl.cdiv(J, BLOCK_J)
+    group_size = GROUP_M * num_j
+    first_m = (pid // group_size) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows
+    pid_j = (pid % group_size) // rows
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)     # [BLOCK_M]
+    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)     # [BLOCK_J]
+    mask_m = offs_m < M
+    mask_j = offs_j < J
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+
+    # -- main loop over the reduction dimension --------------------------------------------------
+    for i0 in range(0, I, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)                # [BLOCK_I]
+        mask_i = offs_i < I
+        a_mask = mask_m[:, None] & mask_i[None, :]
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :] * stride_ai,
+                    mask=a_mask, other=0.0)                               # [BLOCK_M, BLOCK_I]
+        if DROPOUT == 1:
+            keep = _keep(seed, offs_m[:, None] * I + offs_i[None, :], p)
+            a = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0)
+        a = a.to(COMPUTE)
+        # T tile [BLOCK_I, BLOCK_J] as (n, k) indices of W
+        if TRANS_W:
+            n_idx = offs_i[:, None]
+            k_idx = offs_j[None, :]
+        else:
+            n_idx = offs_j[None, :]
+            k_idx = offs_i[:, None]
+        t_mask = mask_i[:, None] & mask_j[None, :]
+        if IS_4BIT:
+            t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+                            n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
+        else:
+            t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
+            if DROPOUT == 2:
+                keep = _keep(seed, n_idx * Kw + k_idx, p)
+                t = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
+        t = t.to(COMPUTE)
+        if COMPUTE == tl.float32:
+            acc = tl.dot(a, t, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, t, acc)
+
+    acc = acc * out_scale
+
+    # -- epilogue: + s·L·R (dropout-masked), + bias, + existing out -------------------------------
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
+        ro = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                     mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_J]
+        term = tl.dot(lo, ro, input_precision="ieee") * lora_scale                      # [BLOCK_M, BLOCK_J]
+        if DROPOUT == 3:
+            keep = _keep(seed, offs_m[:, None] * J + offs_j[None, :], p)
+            term = tl.where(keep, term * keep_scale, 0.0)
+        acc += term
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :] * stride_oj
+    out_mask = mask_m[:, None] & mask_j[None, :]
+    if ACC_OUT:
+        acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# block-size policy
+# ----------------------------------------------------------------------------------------------
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _config(M: int, J: int, I: int, is_4bit: bool):
+    """(BLOCK_M, BLOCK_J, BLOCK_I, num_warps, num_stages). Untuned defaults: a heuristic until the
+    GPU measurements set a table. Under the interpreter, bigger tiles mean fewer Python-level
+    program instances, which is what costs time there."""
+    if _interpreter.interpreter_active():
+        return _pow2_clamp(M, 16, 64), _pow2_clamp(J, 16, 64), _pow2_clamp(I, 16, 64), 4, 1
+    bm = _pow2_clamp(M, 16, 128)
+    bj = _pow2_clamp(J, 16, 128)
+    bi = 64 if is_4bit or I >= 64 else _pow2_clamp(I, 16, 64)
+    warps = 8 if bm * bj >= 128 * 128 else 4
+    return bm, bj, bi, warps, 3
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides2(t: torch.Tensor, what: str):
+    if t.dim() != 2:
+        raise ValueError(f"{what} must be 2-D, got shape {tuple(t.shape)}")
+    return t.stride(0), t.stride(1)
+
+
+def lora_matmul(
+    a: torch.Tensor,
+    w,
+    out: torch.Tensor,
+    *,
+    trans_w: bool,
+    compute_dtype: torch.dtype,
+    out_scale: float = 1.0,
+    lora_l: Optional[torch.Tensor] = None,
+    lora_r: Optional[torch.Tensor] = None,
+    lora_scale: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    accumulate: bool = False,
+    dropout: int = DROP_NONE,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    skip_main: bool = False,
+) -> torch.Tensor:
+    """out[M, J] = out_scale · a[M, I] · T[I, J]  (+ lora_scale · lora_l[M, r] · lora_r[r, J], + bias[J],
+    + out if accumulate), T = Wᵀ (trans_w False) or W (trans_w True).
+
+    a:      [M, I] any strides, fp16/bf16/fp32
+    w:      :class:`Packed4bit` for W [N, K], or a dense 2-D tensor (any strides)
+    out:    [M, J], any strides, written in place (and read when accumulate)
+    lora_l: [M, r] (H or G), lora_r: [r, J] (a strided view of Bᵀ or A), any float dtype
+    dropout: DROP_* selects where the keep-mask of X [M', K'] applies (see the module docstring)
+    skip_main: run only the epilogue (the frozen product is already in ``out``)
+    """
+    if a.dim() != 2 or out.dim() != 2:
+        raise ValueError(f"a and out must be 2-D, got {tuple(a.shape)} and {tuple(out.shape)}")
+    if compute_dtype not in _TL_DTYPES:
+        raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+    M, I = a.shape
+    is_4bit = isinstance(w, Packed4bit)
+    if is_4bit:
+        Nw, Kw = w.N, w.K
+        check_device(w, a, out, lora_l, lora_r, bias, what="an input of the fused LoRA op")
+        wargs = kernel_args(w)
+        stride_wn, stride_wk = Kw, 1
+        blocksize, blocksize2, nested = w.blocksize, w.blocksize2, w.nested
+    else:
+        Nw, Kw = w.shape
+        stride_wn, stride_wk = _strides2(w, "w")
+        wargs = (w, w, w, w, w, 0.0)
+        blocksize, blocksize2, nested = 64, 256, False
+        if a.device.type == "cpu" and not _interpreter.interpreter_active():
+            raise RuntimeError("fastlora's Triton kernels need GPU tensors, or TRITON_INTERPRET=1 on the CPU")
+    J = Nw if not trans_w else Kw
+    if (Kw if not trans_w else Nw) != I:
+        raise ValueError(f"inner dimensions differ: a is [{M}, {I}] but W is [{Nw}, {Kw}] (trans_w={trans_w})")
+    if tuple(out.shape) != (M, J):
+        raise ValueError(f"out must be [{M}, {J}], got {tuple(out.shape)}")
+    has_lora = lora_l is not None
+    rank = lora_l.shape[1] if has_lora else 0
+    if has_lora and (tuple(lora_l.shape) != (M, rank) or tuple(lora_r.shape) != (rank, J)):
+        raise ValueError(f"LoRA factors must be [{M}, r] and [r, {J}], got {tuple(lora_l.shape)}, {tuple(lora_r.shape)}")
+    if M == 0 or J == 0:
+        return out
+    _interpreter.ensure()
+
+    BM, BJ, BI, warps, stages = _config(M, J, I, is_4bit)
+    BR = _pow2_clamp(rank, 16, 1 << 20)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)
+    l_ = lora_l if has_lora else out
+    r_ = lora_r if has_lora else out
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
+    _lora_matmul_kernel[grid](
+        a, a.stride(0), a.stride(1),
+        *wargs, stride_wn, stride_wk, Kw,
+        l_, l_.stride(0), l_.stride(1),
+        r_, r_.stride(0), r_.stride(1),
+        bias if bias is not None else out,
+        out, out.stride(0), out.stride(1),
+        M, J, 0 if skip_main else I, rank,
+        float(out_scale), float(lora_scale), int(seed), float(dropout_p), float(keep_scale),
+        TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
+        COMPUTE=_TL_DTYPES[compute_dtype],
+        BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, GROUP_M=8,
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+    return out
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, numel, seed, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _keep(seed, offs, p).to(tl.int8), mask=offs < numel)
+
+
+def dropout_keep_mask(M: int, K: int, p: float, seed: int, device) -> torch.Tensor:
+    """The bool keep-mask [M, K] the kernels apply for (seed, p). For tests and debugging only:
+    the fused op never materializes it."""
+    _interpreter.ensure()
+    out = torch.empty((M, K), dtype=torch.int8, device=device)
+    if M * K:
+        BLOCK = 1024
+        _keep_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, int(seed), float(p), BLOCK=BLOCK)
+    return out.bool()

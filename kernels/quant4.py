@@ -1,0 +1,168 @@
+"""bitsandbytes 4-bit (NF4 / FP4) weights: the packed layout, the in-kernel decode, a dequant kernel.
+
+Layout (bitsandbytes >= 0.45; the flat order is what matters, the tensor's shape does not):
+
+    W [N, K] (out_features x in_features), flattened row-major:  w_0 w_1 w_2 ... w_{N*K-1}
+
+    packed byte j  =  | w_{2j} : high nibble | w_{2j+1} : low nibble |      ([-1.0, 1.0] -> 0x0F)
+                          bits 7..4              bits 3..0
+
+    absmax block b covers flat elements [b*BLOCKSIZE, (b+1)*BLOCKSIZE); when K is not a multiple of
+    BLOCKSIZE a block straddles two rows, so blocks are indexed by flat position, never by (n, k).
+
+    value(w_f) = code[nibble_f] * absmax[f // BLOCKSIZE]          (fp32, then one rounding to out dtype)
+
+    double quant ("nested"): absmax is stored as uint8 codes q[b] and
+        absmax[b] = code2[q[b]] * absmax2[b // BLOCKSIZE2] + offset  (multiply, round, add, round:
+                                                                      as bitsandbytes, no FMA)
+
+``code`` is the 16-entry table of the quant type (NF4 or FP4), ``code2`` the 256-entry table of the
+second level, BLOCKSIZE2 is 256 in every bitsandbytes release.
+
+The decode is one ``@triton.jit`` helper, :func:`decode_4bit`, shared by the dequant kernel here and
+by the main loop of the fused GEMM (``lora_matmul.py``). Launchers here take plain tensors packed
+in a :class:`Packed4bit`; reading them out of bitsandbytes objects is ``fastlora.format``'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _interpreter
+
+_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """Everything a kernel needs to decode a bitsandbytes 4-bit weight W [N, K].
+
+    packed:   uint8 [ceil(N*K/2)]  two elements per byte, first one in the high nibble
+    code:     fp32  [16]           NF4 or FP4 table
+    absmax:   fp32  [ceil(N*K/blocksize)] when not nested; uint8 codes when nested
+    absmax2:  fp32  [ceil(len(absmax)/blocksize2)]   (nested only)
+    code2:    fp32  [256]                           (nested only)
+    offset:   Python float                          (nested only)
+    All tensors are contiguous, on one device, and are views of the caller's storage (no copies).
+    """
+
+    packed: torch.Tensor
+    N: int
+    K: int
+    blocksize: int
+    code: torch.Tensor
+    absmax: torch.Tensor
+    quant_type: str = "nf4"
+    absmax2: Optional[torch.Tensor] = None
+    code2: Optional[torch.Tensor] = None
+    blocksize2: int = 256
+    offset: float = 0.0
+    dtype: Optional[torch.dtype] = None  # the compute dtype bitsandbytes recorded, if any
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def decode_4bit(
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    flat, mask,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+):
+    """Decode the 4-bit elements at flat positions ``flat`` (int64, any block shape) to fp32.
+
+    Masked-off lanes read byte 0 / absmax 0 and decode to 0.0, so they add nothing to a dot.
+    """
+    byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    # even flat index -> high nibble (shift 4), odd -> low nibble (shift 0)
+    shift = (1 - (flat & 1).to(tl.int32)) * 4
+    nibble = (byte >> shift) & 0xF
+    value = tl.load(code_ptr + nibble)                       # 16-entry table gather, fp32
+    block = flat // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q) * scale2 + offset     # launched with fp fusion off: no FMA
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return value * absmax
+
+
+# ----------------------------------------------------------------------------------------------
+# dequant kernel: W [N, K] packed -> W [N, K] in fp16 / bf16 / fp32
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequant_4bit_kernel(
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    out_ptr, numel,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    flat = pid * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK] int64 flat positions
+    mask = flat < numel
+    w = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, flat, mask,
+                    BLOCKSIZE, BLOCKSIZE2, NESTED)
+    tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def kernel_args(q: Packed4bit):
+    """The pointer/scalar arguments every kernel that decodes ``q`` takes, in decode_4bit's order."""
+    if q.nested:
+        return (q.packed, q.code, q.absmax, q.absmax2, q.code2, float(q.offset))
+    # unused pointers still need a valid tensor; the NESTED constexpr keeps them unread
+    return (q.packed, q.code, q.absmax, q.absmax, q.code, 0.0)
+
+
+def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> None:
+    for t in others:
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}")
+    if q.device.type == "cpu" and not _interpreter.interpreter_active():
+        raise RuntimeError(
+            "fastlora's Triton kernels need a GPU tensor, or TRITON_INTERPRET=1 to run them on the CPU "
+            f"(the 4-bit weight is on {q.device})"
+        )
+
+
+def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None):
+    """W [N, K] in ``dtype`` from a :class:`Packed4bit`; bit-exact with bitsandbytes' dequantize_4bit."""
+    if dtype not in _OUT_DTYPES:
+        raise TypeError(f"dequantize: dtype must be one of float16, bfloat16, float32, got {dtype}")
+    check_device(q)
+    _interpreter.ensure()
+    if out is None:
+        out = torch.empty((q.N, q.K), dtype=dtype, device=q.device)
+    elif out.shape != (q.N, q.K) or out.dtype != dtype or not out.is_contiguous() or out.device != q.device:
+        raise ValueError(
+            f"dequantize: out must be a contiguous {dtype} tensor of shape {(q.N, q.K)} on {q.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device} (contiguous={out.is_contiguous()})"
+        )
+    numel = q.N * q.K
+    if numel == 0:
+        return out
+    BLOCK = 1024
+    grid = (triton.cdiv(numel, BLOCK),)
+    _dequant_4bit_kernel[grid](
+        *kernel_args(q), out, numel,
+        BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, NESTED=q.nested, BLOCK=BLOCK,
+        enable_fp_fusion=False,
+    )
+    return out
