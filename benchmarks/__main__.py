@@ -1,0 +1,96 @@
+"""Command line: ``python -m benchmarks {layer,train,report,all} [options]`` (from the repo root).
+
+    python -m benchmarks all --out benchmarks/results/<device-slug> --budget-seconds 420
+    python -m benchmarks layer --family llama3-8b --m 512,2048,8192 --r 16 --dropout 0.05
+    python -m benchmarks train --model llama-1b
+    python -m benchmarks layer --smoke --out /tmp/b && python -m benchmarks report /tmp/b
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 is set here,
+before triton is imported); such runs are marked ``performance_claim: false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import harness  # noqa: E402
+
+# `all` splits its budget: the layer sweep gets this share of it, training the rest
+LAYER_SHARE = 0.4
+
+
+def _default_out(args, device) -> Path:
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if args.smoke or device.type != "cuda":
+        return Path(os.environ.get("TMPDIR", "/tmp")) / "fastlora-bench-smoke"
+    return harness.REPO_ROOT / "benchmarks" / "results" / harness.slug(harness.device_name(device))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench_layer, bench_train, report
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    bench_layer.add_arguments(sub.add_parser("layer", help="one LoRA projection, every provider"))
+    bench_train.add_arguments(sub.add_parser("train", help="QLoRA training steps, patched vs unpatched"))
+    report.add_arguments(sub.add_parser("report", help="results.md and PNG plots from JSONL records"))
+    a = sub.add_parser("all", help="layer (default GPU subset) + train + report into one folder")
+    a.add_argument("--smoke", action="store_true")
+    a.add_argument("--out", default=None)
+    a.add_argument("--budget-seconds", type=float, default=420.0,
+                   help="wall-clock budget for the measurements (report excluded); default 420")
+    return ap
+
+
+def _all(args, device) -> int:
+    from . import bench_layer, bench_train, report
+
+    out = _default_out(args, device)
+    budget = harness.Budget(args.budget_seconds)
+    ap = build_parser()
+    # the default GPU subset: both families, three M spanning the strategy switch, r=16, dropout 0.05
+    layer_argv = ["layer", "--out", str(out)] + (["--smoke"] if args.smoke else
+                                                   ["--m", "512,2048,8192", "--r", "16", "--dropout", "0.05"])
+    train_argv = ["train", "--out", str(out)] + (["--smoke"] if args.smoke else [])
+    summary = [bench_layer.run(ap.parse_args(layer_argv), device, budget.slice(LAYER_SHARE))]
+    summary.append(bench_train.run(ap.parse_args(train_argv), device, budget))
+    summary.append(report.run(ap.parse_args(["report", str(out)])))
+    for s in summary:
+        print(s)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "report":
+        from . import report
+
+        print(report.run(args))
+        return 0
+    device = harness.default_device()
+    t0 = time.monotonic()
+    if args.cmd == "all":
+        rc = _all(args, device)
+    else:
+        from . import bench_layer, bench_train
+
+        args.out = str(_default_out(args, device))
+        mod = bench_layer if args.cmd == "layer" else bench_train
+        print(mod.run(args, device))
+        rc = 0
+    harness.log(f"done in {time.monotonic() - t0:.1f} s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The fused LoRA layer op (fastlora.lora_linear): output and every gradient against the reference.
+
+Each case compares the kernel with an exact (float64) evaluation of the reference module on the same
+quantized weight, within 2x the error plain PyTorch makes in PEFT's own low precision (plus a small
+atol), for Y, dX, dA and dB. Dropout cases hand the reference the very keep-mask the kernel draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from helpers import DEVICE, ON_GPU, assert_within_rule
+
+import fastlora
+from fastlora import reference as ref
+from fastlora.kernels.lora_matmul import dropout_keep_mask
+from peft import LoraConfig
+
+SEED = 1234
+
+
+def _quantize(N, K, dtype, quant_type="nf4", nested=True, blocksize=64):
+    w = torch.randn(N, K, device=DEVICE, dtype=torch.float32) * (1.0 / math.sqrt(K))
+    packed, qs = bnbF.quantize_4bit(w.to(dtype), blocksize=blocksize, quant_type=quant_type,
+                                    compress_statistics=nested)
+    return packed, qs
+
+
+def _case(M, K, N, r, *, xdtype=torch.bfloat16, adtype=torch.float32, bias=True, p=0.0, nested=True,
+          quant_type="nf4", strategy="fused", rslora=False, blocksize=64, dense=False, lead=None):
+    alpha = 16
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    if dense:
+        weight = (torch.randn(N, K, device=DEVICE) / math.sqrt(K)).to(xdtype)
+        qs = None
+        w_exact = weight.double()
+        w_lowp = weight
+    else:
+        weight, qs = _quantize(N, K, xdtype, quant_type, nested, blocksize)
+        w_lowp = bnbF.dequantize_4bit(weight, qs).to(xdtype)       # what bitsandbytes multiplies with
+        w_exact = w_lowp.double()
+    shape = (M, K) if lead is None else (*lead, K)
+    x = torch.randn(*shape, device=DEVICE).to(xdtype)
+    A = (torch.randn(r, K, device=DEVICE) / math.sqrt(K)).to(adtype)
+    B = (torch.randn(N, r, device=DEVICE) * 0.5).to(adtype)  # PEFT inits B = 0; trained B is not
+    b = torch.randn(N, device=DEVICE).to(xdtype) if bias else None
+    dy = torch.randn(*shape[:-1], N, device=DEVICE).to(xdtype)
+    Mflat = x.numel() // K
+    keep = dropout_keep_mask(Mflat, K, p, SEED, DEVICE).reshape(shape) if p > 0 else None
+
+    # the kernel
+    xk = x.clone().requires_grad_()
+    Ak, Bk = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y = fastlora.lora_linear(xk, weight, Ak, Bk, scaling, bias=b, quant_state=qs, dropout_p=p,
+                             strategy=strategy, seed=SEED)
+    y.backward(dy)
+
+    # exact: float64, same quantized weight, same mask
+    bd = None if b is None else b.double()
+    y_ex = ref.lora_linear(x.double(), w_exact, A.double(), B.double(), scaling, bd, keep, p)
+    dx_ex, dA_ex, dB_ex = ref.lora_linear_backward(dy.double(), x.double(), w_exact, A.double(), B.double(),
+                                                   scaling, keep, p)
+
+    # PyTorch in PEFT's precision: base in x's dtype, LoRA path in the adapter dtype
+    xl = x.clone().requires_grad_()
+    Al, Bl = A.clone().requires_grad_(), B.clone().requires_grad_()
+    y_lp = ref.lora_linear(xl, w_lowp, Al, Bl, scaling, b, keep, p)
+    y_lp.backward(dy)
+
+    assert y.dtype == x.dtype and y.shape == (*shape[:-1], N)
+    assert xk.grad.dtype == x.dtype and Ak.grad.dtype == A.dtype and Bk.grad.dtype == B.dtype
+    assert_within_rule("Y", y, y_ex, y_lp)
+    assert_within_rule("dX", xk.grad, dx_ex, xl.grad)
+    assert_within_rule("dA", Ak.grad, dA_ex, Al.grad)
+    assert_within_rule("dB", Bk.grad, dB_ex, Bl.grad)
+
+
+# Shapes: K and N not powers of two, multiples of the blocksize (128, 192) and not (96, 80, 200).
+BASE = dict(M=37, K=96, N=80, r=8)
+if ON_GPU:
+    BASE = dict(M=37, K=1000, N=1536, r=8)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("M", [1, 37, 128] + ([2048] if ON_GPU else []))
+def test_tokens(M, strategy):
+    _case(M, BASE["K"], BASE["N"], BASE["r"], strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("K,N", [(128, 192), (200, 80), (64, 1), (130, 45)])
+def test_shapes(K, N, strategy):
+    _case(19, K, N, 8, strategy=strategy)
+
+
+@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_ranks_and_scaling(r, rslora):
+    _case(23, BASE["K"], BASE["N"], r, rslora=rslora)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("adtype", ["fp32", "x"])
+def test_dtypes(xdtype, adtype, strategy):
+    _case(21, BASE["K"], BASE["N"], 8, xdtype=xdtype, adtype=torch.float32 if adtype == "fp32" else xdtype,
+          strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dropout_and_bias(p, bias, strategy):
+    _case(33, BASE["K"], BASE["N"], 8, p=p, bias=bias, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_formats(quant_type, nested, blocksize, strategy):
+    _case(17, 130, 60, 8, quant_type=quant_type, nested=nested, blocksize=blocksize, strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_dense_base(xdtype, p, strategy):
+    _case(29, BASE["K"], BASE["N"], 16, xdtype=xdtype, p=p, dense=True, strategy=strategy)
+
+
+def test_3d_input_and_auto_strategy():
+    _case(None, BASE["K"], BASE["N"], 8, lead=(3, 7), strategy="auto", p=0.05)
+
+
+def test_non_contiguous_x():
+    K, N, r = BASE["K"], BASE["N"], 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    xt = torch.randn(K, 13, device=DEVICE).to(torch.bfloat16).t()      # [13, K], strides (1, 13)
+    assert not xt.is_contiguous()
+    A = torch.randn(r, K, device=DEVICE) * 0.1
+    B = torch.randn(N, r, device=DEVICE) * 0.1
+    y1 = fastlora.lora_linear(xt, packed, A, B, 2.0, quant_state=qs)
+    y2 = fastlora.lora_linear(xt.contiguous(), packed, A, B, 2.0, quant_state=qs)
+    assert torch.equal(y1, y2)
+
+
+def test_empty_batch():
+    K, N, r = BASE["K"], BASE["N"], 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(0, 5, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, K, device=DEVICE) * 0.1).requires_grad_()
+    B = (torch.randn(N, r, device=DEVICE) * 0.1).requires_grad_()
+    y = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.1)
+    assert y.shape == (0, 5, N) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(A.grad) == 0 and torch.count_nonzero(B.grad) == 0
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+def test_nothing_weight_sized_is_saved(strategy):
+    """Backward keeps X, H, the seed and references to the module's own tensors: never a float [N, K]."""
+    M, K, N, r = 4, 256, 192, 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, K, device=DEVICE) * 0.1).requires_grad_()
+    B = (torch.randn(N, r, device=DEVICE) * 0.1).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.05, strategy=strategy)
+    assert saved, "the op saved nothing: the hook did not see the autograd Function"
+    big = [s for s in saved if s[1].is_floating_point and math.prod(s[0]) >= N * K]
+    assert not big, f"tensors of weight size saved for backward: {big}"
+    y.sum().backward()
+
+
+def test_needs_input_grad_is_honoured():
+    K, N, r = BASE["K"], BASE["N"], 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(9, K, device=DEVICE, dtype=torch.bfloat16)             # no grad for x
+    A = (torch.randn(r, K, device=DEVICE) * 0.1).requires_grad_()
+    B = torch.randn(N, r, device=DEVICE) * 0.1                             # frozen B
+    y = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs)
+    y.float().sum().backward()
+    assert A.grad is not None and B.grad is None and x.grad is None
+
+
+# -- dropout: statistics of the counter-based RNG ----------------------------------------------------
+
+
+def test_dropout_keep_fraction_and_reproducibility():
+    M, K, p = 64, 320, 0.05
+    keep = dropout_keep_mask(M, K, p, 7, DEVICE)
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, f"keep fraction {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    assert torch.equal(keep, dropout_keep_mask(M, K, p, 7, DEVICE)), "same seed must give the same mask"
+    other = dropout_keep_mask(M, K, p, 8, DEVICE)
+    assert not torch.equal(keep, other), "different seeds gave the same mask"
+    # rows and columns are not correlated: each row's and column's keep fraction is plausible
+    assert keep.float().mean(1).min().item() > 1 - p - 6 * math.sqrt(p * (1 - p) / K)
+
+
+def test_dropout_expectation_matches_no_dropout():
+    """E over seeds of the dropped-out forward equals the p = 0 forward (unbiased 1/(1-p) rescale)."""
+    M, K, N, r, p, S = 8, 64, 32, 8, 0.3, 96
+    packed, qs = _quantize(N, K, torch.float32, nested=False)
+    x = torch.randn(M, K, device=DEVICE)
+    A = torch.randn(r, K, device=DEVICE) * 0.3
+    B = torch.randn(N, r, device=DEVICE) * 0.3
+    y0 = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.0).double()
+    ys = torch.stack([fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=p, seed=s).double()
+                      for s in range(S)])
+    mean, stderr = ys.mean(0), ys.std(0) / math.sqrt(S)
+    z = ((mean - y0).abs() / (stderr + 1e-6)).max().item()
+    assert z < 6.0, f"dropout output mean deviates from the p=0 output by {z:.1f} standard errors"
+    assert ys.std(0).mean().item() > 0, "dropout changed nothing"
+
+
+def test_dropout_seed_drawn_from_torch_generator():
+    K, N, r = 64, 32, 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(8, K, device=DEVICE, dtype=torch.bfloat16)
+    A, B = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    torch.manual_seed(5)
+    y1 = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.5)
+    torch.manual_seed(5)
+    y2 = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.5)
+    y3 = fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs, dropout_p=0.5)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+# -- against PEFT's own layers ---------------------------------------------------------------------
+
+
+def _peft_linear4bit(K, N, r, alpha, bias, use_rslora=False):
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    dense = torch.nn.Linear(K, N, bias=bias, dtype=torch.bfloat16)
+    base = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=torch.bfloat16, quant_type="nf4",
+                             compress_statistics=True)
+    base.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                    compress_statistics=True)
+    if bias:
+        base.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    base = base.to(DEVICE)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, use_rslora=use_rslora)
+    layer = LoraLinear4bit(base, "default", config=config, r=r, lora_alpha=alpha, lora_dropout=0.0,
+                           use_rslora=use_rslora)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)         # trained B is not zero
+    return layer.to(DEVICE)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+def test_matches_peft_linear4bit(strategy, use_rslora):
+    K, N, r = 96, 80, 16
+    layer = _peft_linear4bit(K, N, r, 32, bias=True, use_rslora=use_rslora)
+    base = layer.base_layer
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scaling = layer.scaling["default"]
+    assert math.isclose(scaling, 32 / math.sqrt(r) if use_rslora else 32 / r)
+    x = torch.randn(2, 11, K, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(2, 11, N, device=DEVICE, dtype=torch.bfloat16)
+
+    xp = x.clone().requires_grad_()
+    y_peft = layer(xp)
+    y_peft.backward(dy)
+    g_peft = (xp.grad, A.grad.clone(), B.grad.clone())
+    A.grad = B.grad = None
+
+    xk = x.clone().requires_grad_()
+    y = fastlora.lora_linear(xk, base.weight, A, B, scaling, bias=base.bias, quant_state=base.weight.quant_state,
+                             compute_dtype=base.compute_dtype, strategy=strategy)
+    y.backward(dy)
+    g = (xk.grad, A.grad, B.grad)
+
+    w = bnbF.dequantize_4bit(base.weight, base.weight.quant_state).double()
+    y_ex = ref.lora_linear(x.double(), w, A.double(), B.double(), scaling, base.bias.double())
+    g_ex = ref.lora_linear_backward(dy.double(), x.double(), w, A.double(), B.double(), scaling)
+    assert y.dtype == y_peft.dtype
+    assert_within_rule("Y vs PEFT", y, y_ex, y_peft)
+    for name, mine, theirs, exact in zip(("dX", "dA", "dB"), g, g_peft, g_ex):
+        assert mine.dtype == theirs.dtype
+        assert_within_rule(f"{name} vs PEFT", mine, exact, theirs)
+
+
+def test_matches_peft_dense_linear():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    K, N, r = 96, 80, 8
+    base = torch.nn.Linear(K, N, bias=True, dtype=torch.bfloat16, device=DEVICE).requires_grad_(False)
+    layer = LoraLinear(base, "default", config=LoraConfig(r=r, lora_alpha=16), r=r, lora_alpha=16, lora_dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.2)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(13, K, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(13, N, device=DEVICE, dtype=torch.bfloat16)
+    xp = x.clone().requires_grad_()
+    layer(xp).backward(dy)
+    g_peft = (xp.grad, A.grad.clone(), B.grad.clone())
+    A.grad = B.grad = None
+    xk = x.clone().requires_grad_()
+    y = fastlora.lora_linear(xk, base.weight, A, B, layer.scaling["default"], bias=base.bias)
+    y.backward(dy)
+    w = base.weight.double()
+    g_ex = ref.lora_linear_backward(dy.double(), x.double(), w, A.double(), B.double(), layer.scaling["default"])
+    y_ex = ref.lora_linear(x.double(), w, A.double(), B.double(), layer.scaling["default"], base.bias.double())
+    with torch.no_grad():
+        y_peft = layer(x)
+    assert_within_rule("Y vs PEFT", y, y_ex, y_peft)
+    for name, mine, theirs, exact in zip(("dX", "dA", "dB"), (xk.grad, A.grad, B.grad), g_peft, g_ex):
+        assert_within_rule(f"{name} vs PEFT", mine, exact, theirs)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_messages():
+    K, N, r = 64, 32, 4
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(3, K, device=DEVICE, dtype=torch.bfloat16)
+    A, B = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 64\]"):
+        fastlora.lora_linear(torch.randn(3, K + 1, device=DEVICE, dtype=torch.bfloat16), packed, A, B, 1.0,
+                             quant_state=qs)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int32"):
+        fastlora.lora_linear(x.to(torch.int32), packed, A, B, 1.0, quant_state=qs)
+    with pytest.raises(TypeError, match="float64"):
+        fastlora.lora_linear(x.double(), packed, A, B, 1.0, quant_state=qs)
+    with pytest.raises(ValueError, match="lora_A"):
+        fastlora.lora_linear(x, packed, A[:, :-1], B, 1.0, quant_state=qs)
+    with pytest.raises(ValueError, match="lora_B"):
+        fastlora.lora_linear(x, packed, A, B[:-1], 1.0, quant_state=qs)
+    with pytest.raises(ValueError, match="bias must be"):
+        fastlora.lora_linear(x, packed, A, B, 1.0, quant_state=qs, bias=torch.zeros(N + 1, device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastlora.lora_linear(x, packed, A, B, 1.0, quant_state=qs, dropout_p=1.0)
+    with pytest.raises(ValueError, match="strategy"):
+        fastlora.lora_linear(x, packed, A, B, 1.0, quant_state=qs, strategy="fastest")
+    with pytest.raises(ValueError, match=r"x is on .* but lora_A is on meta"):
+        fastlora.lora_linear(x, packed, A.to("meta"), B, 1.0, quant_state=qs)
+    with pytest.raises(TypeError, match="dense 2-D float tensor"):
+        fastlora.lora_linear(x, torch.zeros(N, K, dtype=torch.int8, device=DEVICE), A, B, 1.0)
+    dense = torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(ValueError, match="requires grad"):
+        fastlora.lora_linear(x, dense, A, B, 1.0)
