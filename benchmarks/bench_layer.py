@@ -139,20 +139,20 @@ class Inputs:
         import bitsandbytes as bnb
         from peft import LoraConfig, get_peft_model
 
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        g = torch.Generator(device=device).manual_seed(seed)
 
         def randn(*shape, std=1.0):
-            return (torch.randn(*shape, generator=g) * std).to(device)
+            return torch.randn(*shape, generator=g, device=device) * std
 
         K, N, M, r = case.K, case.N, case.M, case.r
         # the base layer, quantized by bitsandbytes on the device (Params4bit -> quantize_4bit) as
         # from_pretrained(quantization_config=...) does
         base = bnb.nn.Linear4bit(K, N, bias=case.bias, compute_dtype=torch.bfloat16, compress_statistics=True,
                                  quant_type="nf4")
-        base.weight = bnb.nn.Params4bit(randn(N, K, std=K ** -0.5).to(torch.bfloat16).cpu(), requires_grad=False,
+        base.weight = bnb.nn.Params4bit(randn(N, K, std=K ** -0.5).to(torch.bfloat16), requires_grad=False,
                                         compress_statistics=True, quant_type="nf4", blocksize=64)
         if case.bias:
-            base.bias = torch.nn.Parameter(randn(N, std=0.1).to(torch.bfloat16).cpu(), requires_grad=False)
+            base.bias = torch.nn.Parameter(randn(N, std=0.1).to(torch.bfloat16), requires_grad=False)
         holder = _Holder(base).to(device)
         cfg = LoraConfig(r=r, lora_alpha=case.alpha, lora_dropout=case.dropout, target_modules=["proj"])
         self.peft_model = get_peft_model(holder, cfg)
@@ -323,7 +323,8 @@ def run_case(case: Case, providers, modes, device: torch.device, smoke: bool, wr
                 "x_dtype": "bfloat16", "adapter_dtype": str(inp.A.dtype).replace("torch.", ""),
                 "weight": {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
                            "compute_dtype": "bfloat16", "quantized_by": "bitsandbytes Params4bit on " + device.type},
-                "timing": timing, "auto_strategy": auto_pick}
+                "timing": timing, "auto_strategy": auto_pick,
+                "peft_layer": f"{type(inp.layer).__module__}.{type(inp.layer).__name__}"}
     for provider in providers:
         lora = provider != "bf16-floor"
         try:
@@ -405,7 +406,7 @@ def run(args, device: Optional[torch.device] = None, budget: Optional[harness.Bu
             raise SystemExit(f"unknown family {fam!r}; choose from {sorted(FAMILIES)}")
     Ms = args.m or (list(SMOKE_M) if args.smoke else list(FULL_M))
     ranks = args.r or ([4] if args.smoke and args.family is None else [16, 64])
-    dropouts = args.dropout if args.dropout is not None else [0.0, 0.05]
+    dropouts = args.dropout if args.dropout is not None else ([0.05] if args.smoke else [0.0, 0.05])
     providers = args.providers or list(PROVIDERS)
     modes = args.modes or list(MODES)
     for p in providers:

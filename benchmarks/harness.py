@@ -140,7 +140,7 @@ def performance_claim(device: torch.device, smoke: bool) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _quantiles(samples_ms: Sequence[float]) -> list:
+def quantiles(samples_ms: Sequence[float]) -> list:
     t = torch.tensor(list(samples_ms), dtype=torch.float64)
     return [float(v) for v in torch.quantile(t, torch.tensor(QUANTILES, dtype=torch.float64))]
 
@@ -165,7 +165,7 @@ def bench(fn: Callable[[], Any], device: torch.device, *, grad_to_none: Optional
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-        med, p20, p80 = _quantiles(samples)
+        med, p20, p80 = quantiles(samples)
         method = f"time.perf_counter loop (warmup={cpu_warmup}, reps={cpu_reps})"
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "method": method}
 

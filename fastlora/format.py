@@ -156,7 +156,8 @@ def dequantize(weight: torch.Tensor, quant_state: Any = None, dtype: Optional[to
     """W [N, K] from a bitsandbytes 4-bit weight, computed by fastlora's Triton kernel.
 
     Bit-exact with ``bitsandbytes.functional.dequantize_4bit`` (NF4 and FP4, plain and double-quant
-    absmax, every blocksize). ``dtype`` defaults to the quant_state's compute dtype, else bfloat16.
+    absmax, every blocksize). ``dtype`` defaults to ``quant_state.dtype`` (what bitsandbytes itself
+    dequantizes to: the weight's dtype before quantization, not the layer's compute_dtype), else bfloat16.
     ``weight`` may also be a bitsandbytes ``Linear4bit`` module (then quant_state is read from it).
     """
     from .kernels.quant4 import dequantize_4bit

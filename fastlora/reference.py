@@ -54,18 +54,30 @@ def lora_linear(
     bias: Optional[torch.Tensor] = None,
     keep: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    *,
+    peft_layer: str = "linear4bit",
 ) -> torch.Tensor:
     """PEFT's LoRA forward over a dense (already dequantized) base weight, in PEFT's dtypes.
 
     x [..., K] in the activation dtype; weight [N, K] in the activation dtype (bitsandbytes
     dequantizes to it); lora_A [r, K], lora_B [N, r] in the adapter dtype; keep [..., K] bool.
-    As ``peft.tuners.lora.bnb.Linear4bit.forward`` with autocast off: the base result is computed in
-    x's dtype; x is cast to the adapter dtype for the LoRA path; the LoRA output is cast back to the
-    result dtype and added. Run it with everything in fp32 (or fp64) for the exact reference.
+    With autocast off, the base result is computed in x's dtype and x is cast to the adapter dtype
+    for the LoRA path. The two PEFT layers then add the LoRA output differently:
+
+    - ``peft_layer="linear4bit"`` (``peft.tuners.lora.bnb.Linear4bit``): the LoRA output is cast to
+      the result dtype, then added in it (two roundings when the adapters are fp32 and x is bf16);
+    - ``peft_layer="linear"`` (``peft.tuners.lora.layer.Linear``): the result is added to the LoRA
+      output in the promoted dtype (fp32), and the sum is cast back once.
+
+    With everything in fp32 (or fp64) the two agree; run it so for the exact reference.
     """
+    if peft_layer not in ("linear4bit", "linear"):
+        raise ValueError(f"peft_layer must be 'linear4bit' or 'linear', got {peft_layer!r}")
     result = torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     xa = dropout(x.to(lora_A.dtype), keep, dropout_p)
     lora = (xa @ lora_A.t()) @ lora_B.t() * scaling
+    if peft_layer == "linear":
+        return (result + lora).to(result.dtype)
     return result + lora.to(result.dtype)
 
 

@@ -1,15 +1,18 @@
 """Make Triton's CPU interpreter give the GPU's bf16 numerics.
 
 Under ``TRITON_INTERPRET=1`` Triton runs kernels as numpy, and it stores bf16 as raw ``uint16``.
-Two things then differ from a GPU (checked with triton 3.9):
+Three things then differ from a GPU (checked with triton 3.9):
 
 1. ``tl.dot`` on bf16 tiles multiplies the raw ``uint16`` bit patterns: the result is garbage
    (relative error ~1e10). A GPU multiplies the bf16 values exactly and accumulates in fp32.
 2. fp32 -> bf16 casts truncate (``cast_impl`` passes no rounding mode), and the interpreter's own
    "rtne" path rounds half up without handling the carry into the exponent. A GPU, PyTorch and
    bitsandbytes round to nearest, ties to even.
+3. bf16 -> fp32 casts get subnormal bf16 values wrong (0x0001 -> 0.0, 0x007F -> 1.1571e-38 instead
+   of 1.1663e-38), and a bf16 -> fp64 / integer cast converts the raw ``uint16`` bit pattern. On a GPU
+   widening bf16 is exact: the 16 bits become the top half of an fp32.
 
-This module is the one place that corrects both, by replacing the interpreter builder's
+This module is the one place that corrects all three, by replacing the interpreter builder's
 ``create_dot``, ``cast_impl`` and ``create_fp_to_fp``. The kernels themselves stay written for the
 GPU. :func:`ensure` is idempotent, called by every launcher, and does nothing unless the
 interpreter is on, so compiled runs never touch Triton's internals.
@@ -84,15 +87,23 @@ def ensure() -> None:
         return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     def _to_bf16(self, src):
+        # any non-bf16 source (float or integer) -> fp32 by the interpreter, then one RTNE rounding.
+        # fp64 sources are rounded twice (to fp32, then to bf16); no fastlora kernel casts fp64.
         f32 = src.data if src.dtype.scalar == tl.float32 else orig_cast(self, src, tl.float32).data
         return handle(_f32_to_bf16_bits(f32), tl.bfloat16)
 
     def cast_impl(self, src, dst_type):
-        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16 and src.dtype.scalar.is_floating():
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar != tl.bfloat16:
+            f32 = _as_f32(src)                                  # exact widening, subnormals kept
+            return f32 if dst_type.scalar == tl.float32 else orig_cast(self, f32, dst_type)
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
             return _to_bf16(self, src)
         return orig_cast(self, src, dst_type)
 
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar != tl.bfloat16:
+            f32 = _as_f32(src)
+            return f32 if dst_type.scalar == tl.float32 else orig_fp_to_fp(self, f32, dst_type, rounding_mode)
         if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
             return _to_bf16(self, src)
         return orig_fp_to_fp(self, src, dst_type, rounding_mode)

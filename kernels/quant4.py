@@ -135,6 +135,11 @@ def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> N
     for t in others:
         if t is not None and t.device != q.device:
             raise ValueError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}")
+    if q.device.type == "meta":
+        # a meta tensor has no data: without this, the interpreter fails deep inside with
+        # "Cannot copy out of meta tensor" and a GPU launch with an invalid pointer
+        raise ValueError("the 4-bit weight is on the meta device (it has no data): load or move the model "
+                         "to a GPU before calling fastlora's kernels")
     if q.device.type == "cpu" and not _interpreter.interpreter_active():
         raise RuntimeError(
             "fastlora's Triton kernels need a GPU tensor, or TRITON_INTERPRET=1 to run them on the CPU "

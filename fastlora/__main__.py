@@ -1,0 +1,52 @@
+"""The ``fastlora`` command.
+
+    fastlora bench {layer,train,report,all} [options]     the benchmarks of a source checkout
+
+The benchmarks live in the checkout's ``benchmarks/`` folder, not in the installed package: the
+command looks for them in ``$FASTLORA_REPO``, the current directory, then next to this package (an
+editable install), and runs ``python -m benchmarks`` there in a fresh interpreter, so that
+``TRITON_INTERPRET=1`` can be set before Triton compiles anything when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+USAGE = "usage: fastlora bench {layer,train,report,all} [options]   (fastlora bench -h for the options)"
+
+
+def _checkout() -> Optional[Path]:
+    for cand in (os.environ.get("FASTLORA_REPO"), os.getcwd(), Path(__file__).resolve().parent.parent):
+        if cand and (Path(cand) / "benchmarks" / "harness.py").is_file():
+            return Path(cand).resolve()
+    return None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] != "bench":
+        print(f"fastlora: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    root = _checkout()
+    if root is None:
+        print("fastlora bench: no fastlora checkout found (benchmarks/ is not installed with the package); "
+              "run it from the repository root or set FASTLORA_REPO", file=sys.stderr)
+        return 2
+    import torch
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    if not torch.cuda.is_available():
+        env.setdefault("TRITON_INTERPRET", "1")
+    return subprocess.call([sys.executable, "-m", "benchmarks", *argv[1:]], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""``fastlora.patch(model)``: run PEFT's LoRA Linear layers through :func:`fastlora.lora_linear`.
+
+One generic patcher keyed on PEFT layer types, no per-model code. For every
+``peft.tuners.lora.bnb.Linear4bit`` (over a bitsandbytes ``Linear4bit``) and every
+``peft.tuners.lora.layer.Linear`` (over a plain ``nn.Linear``) the *instance's* ``forward`` is
+rebound to :func:`_patched_forward`; PEFT's own forward is kept and :func:`unpatch` restores it.
+PEFT's source is never rewritten.
+
+The choice between the fused op and PEFT's forward is made on **every call**, from what the layer
+holds at that moment (adapters, scaling, dropout module and its training flag, merged/disabled
+state, weight, quant_state, dtypes, autocast). The fused op runs only when it computes what PEFT
+would; otherwise PEFT's forward runs and the reason is counted on the report
+(``report.fallback_calls``) and logged once per layer and reason at DEBUG. Nothing is cached at
+patch time.
+
+What "what PEFT would" means, dtype by dtype (peft 0.21 ``lora/bnb.py``, ``lora/layer.py``;
+bitsandbytes 0.50 ``Linear4bit.forward``):
+
+- 4-bit: bitsandbytes casts x to the layer's ``compute_dtype`` (set from the first input by
+  ``set_compute_type`` when not set: done here the same way), computes X·Wᵀ + bias there and casts
+  back to x's dtype. Under autocast on x's device its inner ``F.linear`` runs in the autocast dtype
+  instead (bias included). PEFT adds the LoRA term cast to that result dtype. The fused op gives x's
+  dtype, the frozen product in the same compute dtype, the LoRA term in fp32 (at least as precise as
+  PEFT's, which runs in the adapter dtype or, under autocast, in the autocast dtype).
+- dense: ``nn.Linear`` needs x in the weight's dtype (PEFT's forward raises otherwise: it is left to
+  raise); under autocast everything runs in the autocast dtype and that is the result dtype.
+- several active adapters: PEFT sums their terms. The fused op runs them as one adapter of rank
+  Σr (A's stacked, B's side by side with each scaling folded in), which is the same sum, as long as
+  no dropout is active (independent masks per adapter cannot be one mask).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from .format import from_bnb, get_quant_state
+from .kernels._interpreter import interpreter_active
+from .ops import lora_linear
+
+logger = logging.getLogger("fastlora")
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_STATE_ATTR = "_fastlora_patch"
+
+#: Reasons a LoRA layer is not patched at all (``report.skipped[name]`` starts with one of these keys).
+SKIP_REASONS: Dict[str, str] = {
+    "unsupported_layer_type": "a PEFT LoRA layer type fastlora has no kernel for (Embedding, Conv, 8-bit, ...)",
+    "unsupported_base_layer": "the base layer is not a plain nn.Linear / bitsandbytes Linear4bit",
+    "fan_in_fan_out": "fan_in_fan_out=True (a transposed Conv1D-style base weight)",
+    "no_plain_adapter": "every adapter of the layer is a LoRA variant (DoRA, ...) or has lora_bias",
+}
+
+#: Reasons one call of a patched layer runs PEFT's own forward (keys of ``report.fallback_calls``).
+FALLBACK_REASONS: Dict[str, str] = {
+    "adapters_disabled": "adapters are disabled (disable_adapter() context or disable_adapters=True)",
+    "merged": "adapters are merged into the base weight",
+    "adapter_names": "mixed-adapter batch (adapter_names= keyword)",
+    "extra_arguments": "extra positional or keyword arguments to forward",
+    "no_active_adapter": "no active adapter lives on this layer",
+    "lora_variant": "an active adapter is a LoRA variant (DoRA, ...)",
+    "lora_bias": "an active adapter has lora_bias=True",
+    "adapter_module": "lora_A/lora_B are not plain bias-free nn.Linear modules",
+    "dropout_module": "the LoRA dropout is neither nn.Identity nor nn.Dropout with p < 1",
+    "multiple_adapters_dropout": "several active adapters with dropout active (masks must be independent)",
+    "device": "the tensors are on a device the kernels cannot run on (CPU needs TRITON_INTERPRET=1)",
+    "device_mismatch": "the input, weights and adapters are not all on one device",
+    "base_requires_grad": "the base weight or bias requires grad (the op treats the base as frozen)",
+    "quant_state": "no usable bitsandbytes 4-bit quant_state (missing, unknown quant type or layout)",
+    "packed_for_cpu": "bitsandbytes repacked the weight for its CPU inference kernel",
+    "dtype": "dtypes PEFT would reject or promote differently (x vs weight, A vs B, autocast result)",
+    "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward hooks or its own forward "
+                    "(accelerate offload, user hooks): PEFT's forward runs them, the fused op would not",
+}
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did, and (live) what the patched layers have done since.
+
+    patched:         names of the layers patched by this call
+    skipped:         name -> reason (a ``SKIP_REASONS`` key, ": ", details)
+    already_patched: names patched by an earlier call (left as they are)
+    fused_calls:     calls of this report's layers that ran the fused op
+    fallback_calls:  reason (``FALLBACK_REASONS`` key) -> calls that ran PEFT's forward
+    """
+
+    patched: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    already_patched: List[str] = field(default_factory=list)
+    fused_calls: int = 0
+    fallback_calls: collections.Counter = field(default_factory=collections.Counter)
+    kinds: Dict[str, str] = field(default_factory=dict)  # name -> "4bit" | "dense"
+    _logged: set = field(default_factory=set, repr=False)
+
+    def summary(self) -> str:
+        n4 = sum(1 for n in self.patched if self.kinds.get(n) == "4bit")
+        projections = collections.Counter(n.rsplit(".", 1)[-1] for n in self.patched)
+        proj = ", ".join(f"{k}×{v}" for k, v in sorted(projections.items())) or "none"
+        total = len(self.patched) + len(self.skipped) + len(self.already_patched)
+        line = (
+            f"fastlora: patched {len(self.patched)} of {total} LoRA layers "
+            f"({n4} 4-bit, {len(self.patched) - n4} dense) [{proj}]; "
+            f"{len(self.skipped)} fell back to PEFT"
+        )
+        if self.already_patched:
+            line += f"; {len(self.already_patched)} already patched"
+        return line
+
+    def _fallback(self, name: str, reason: str) -> None:
+        self.fallback_calls[reason] += 1
+        if (name, reason) not in self._logged:
+            self._logged.add((name, reason))
+            logger.debug("fastlora: %s runs PEFT's forward: %s (%s)", name, reason, FALLBACK_REASONS[reason])
+
+
+class _LayerPatch:
+    """Per-layer record kept on the module instance: the forward to restore, the report, the name."""
+
+    __slots__ = ("prev_forward", "report", "name", "kind")
+
+    def __init__(self, prev_forward, report, name, kind):
+        self.prev_forward = prev_forward  # an instance-level forward that was there before, or None
+        self.report = report
+        self.name = name
+        self.kind = kind
+
+
+# ------------------------------------------------------------------------------------------------
+# layer types
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora_types():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import LoraLayer
+
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    except ImportError:  # bitsandbytes missing: PEFT does not define the class
+        LoraLinear4bit = None
+    return LoraLayer, LoraLinear, LoraLinear4bit
+
+
+def _is_bnb_linear4bit(module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    # LinearNF4 / LinearFP4 subclass Linear4bit without changing its forward
+    return type(module) in (bnb.nn.Linear4bit, bnb.nn.LinearNF4, bnb.nn.LinearFP4)
+
+
+def _plain_adapter(layer, adapter) -> bool:
+    return adapter not in getattr(layer, "lora_variant", {}) and not getattr(layer, "use_dora", {}).get(adapter) \
+        and not getattr(layer, "lora_bias", {}).get(adapter, False)
+
+
+def _classify(layer, types):
+    """('4bit' | 'dense', None) when the layer can be patched, else (None, skip reason)."""
+    _, LoraLinear, LoraLinear4bit = types
+    base = getattr(layer, "base_layer", None)
+    if LoraLinear4bit is not None and type(layer) is LoraLinear4bit:
+        if not _is_bnb_linear4bit(base):
+            return None, f"unsupported_base_layer: {type(base).__name__}"
+        kind = "4bit"
+    elif type(layer) is LoraLinear:
+        if type(base) is not nn.Linear:
+            return None, f"unsupported_base_layer: {type(base).__name__}"
+        if getattr(layer, "fan_in_fan_out", False):
+            return None, "fan_in_fan_out: the base weight is stored transposed"
+        kind = "dense"
+    else:
+        return None, f"unsupported_layer_type: {type(layer).__module__}.{type(layer).__name__}"
+    adapters = list(layer.lora_A.keys())
+    if adapters and not any(_plain_adapter(layer, a) for a in adapters):
+        what = sorted({type(layer.lora_variant[a]).__name__ if a in getattr(layer, "lora_variant", {})
+                       else "lora_bias" for a in adapters})
+        return None, f"no_plain_adapter: {', '.join(what)} on {', '.join(adapters)}"
+    return kind, None
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-call decision
+# ------------------------------------------------------------------------------------------------
+
+
+def _device_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_active()
+
+
+def _autocast_dtype(device_type: str):
+    """The autocast dtype in effect for ``device_type``, or None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return None
+
+
+def _has_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _plan(layer, kind, x, args, kwargs):
+    """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names"
+    if args or any(v is not None for v in kwargs.values()) or not isinstance(x, torch.Tensor):
+        return "extra_arguments"
+    if layer.disable_adapters:
+        return "adapters_disabled"
+    if layer.merged:
+        return "merged"
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not adapters:
+        return "no_active_adapter"
+
+    As, Bs, scalings, ps = [], [], [], []
+    for a in adapters:
+        if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a):
+            return "lora_variant"
+        lA, lB = layer.lora_A[a], layer.lora_B[a]
+        if getattr(layer, "lora_bias", {}).get(a, False) or getattr(lB, "bias", None) is not None:
+            return "lora_bias"
+        if type(lA) is not nn.Linear or type(lB) is not nn.Linear or lA.bias is not None:
+            return "adapter_module"
+        drop = layer.lora_dropout[a]
+        if type(drop) is nn.Identity:
+            p = 0.0
+        elif type(drop) is nn.Dropout and 0.0 <= drop.p < 1.0:
+            p = float(drop.p) if drop.training else 0.0
+        else:
+            return "dropout_module"
+        As.append(lA.weight)
+        Bs.append(lB.weight)
+        scalings.append(float(layer.scaling[a]))
+        ps.append(p)
+    if len(adapters) > 1 and any(p > 0.0 for p in ps):
+        return "multiple_adapters_dropout"
+
+    base = layer.base_layer
+    if _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])
+                               or _has_hooks(layer.lora_dropout[a]) for a in adapters):
+        return "module_hooks"
+    weight, bias = base.weight, base.bias
+    dev = x.device
+    if not _device_ok(dev):
+        return "device"
+    if any(t.device != dev for t in [weight, *As, *Bs] + ([bias] if bias is not None else [])):
+        return "device_mismatch"
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return "base_requires_grad"
+    lora_dtype = As[0].dtype
+    if x.dtype not in _FLOATS or lora_dtype not in _FLOATS or any(t.dtype != lora_dtype for t in As + Bs):
+        return "dtype"
+    ac = _autocast_dtype(dev.type)
+    if not getattr(layer, "cast_input_dtype_enabled", True) and ac is None and x.dtype != lora_dtype:
+        return "dtype"  # PEFT would feed x uncast to lora_A and F.linear would raise
+
+    if kind == "4bit":
+        qs = get_quant_state(base)
+        if qs is None:
+            return "quant_state"
+        if getattr(qs, "packing_format_for_cpu", False):
+            return "packed_for_cpu"
+        try:
+            w = from_bnb(weight, qs)
+        except (TypeError, ValueError):
+            return "quant_state"
+        # PEFT adds the LoRA term to bitsandbytes' result (x's dtype). Only with CUDA autocast
+        # (the no-argument torch.is_autocast_enabled() PEFT asks) does it skip the cast back, so
+        # the sum may promote; the fused op returns x's dtype, so it runs only where that is the dtype.
+        if torch.is_autocast_enabled():
+            term_dtype = ac if ac is not None else lora_dtype
+            if ac is None and x.dtype != lora_dtype:
+                return "dtype"
+            if torch.promote_types(x.dtype, term_dtype) != x.dtype:
+                return "dtype"
+        if not getattr(base, "compute_type_is_set", True):
+            # what bitsandbytes' forward does on its first call: may switch compute_dtype to x's dtype
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        bnb_dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
+        if bnb_dtype not in _FLOATS:
+            return "dtype"
+        # bitsandbytes' forward also converts base.bias.data to its compute dtype in place; the
+        # values it then adds are the same as the cast below, so the module is left untouched
+        # (patched or not, a state_dict stays what the user loaded).
+        if bias is not None and bias.dtype != bnb_dtype:
+            bias = bias.to(bnb_dtype)
+        compute = ac if ac is not None else bnb_dtype
+        x_in = x
+    else:
+        if weight.dtype not in _FLOATS:
+            return "dtype"
+        if ac is None:
+            if x.dtype != weight.dtype:
+                return "dtype"  # nn.Linear raises on it; let PEFT's forward raise the same error
+            compute = weight.dtype
+            x_in = x
+        else:
+            compute = ac
+            x_in = x.to(ac)  # autocast runs both the base and the LoRA linears on x in this dtype
+        w = weight
+    if bias is not None and bias.dtype != compute:
+        bias = bias.to(compute)
+
+    if len(adapters) == 1:
+        lora_A, lora_B, scaling = As[0], Bs[0], scalings[0]
+    else:
+        # Σ s_i·B_i·A_i·x as one rank-Σr adapter; autograd routes the gradients back to each A_i, B_i
+        lora_A = torch.cat(As, dim=0)
+        lora_B = torch.cat([b * s for b, s in zip(Bs, scalings)], dim=1)
+        scaling = 1.0
+    return dict(x=x_in, weight=w, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias,
+                dropout_p=ps[0], compute_dtype=compute, autocast=ac is not None)
+
+
+def _call_prev(layer, st, x, args, kwargs):
+    if st.prev_forward is not None:
+        return st.prev_forward(x, *args, **kwargs)
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+def _patched_forward(self, x, *args, **kwargs):
+    """The forward a patched layer runs: the fused op when it gives PEFT's result, else PEFT's."""
+    st = self.__dict__[_STATE_ATTR]
+    plan = _plan(self, st.kind, x, args, kwargs)
+    if isinstance(plan, str):
+        st.report._fallback(st.name, plan)
+        return _call_prev(self, st, x, args, kwargs)
+    st.report.fused_calls += 1
+    autocast = plan.pop("autocast")
+    if autocast:
+        # the op's dtypes are explicit; autocast must not re-cast its inner torch.matmul
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(**plan)
+    return lora_linear(**plan)
+
+
+# ------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora_layers(model, what: str):
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"fastlora.{what} takes a PEFT LoRA model (a PeftModel or an nn.Module with PEFT LoRA layers "
+            f"injected), got {type(model).__module__}.{type(model).__name__}"
+        )
+    types = _lora_types()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, types[0])]
+    if not layers:
+        try:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseTunerLayer)})
+        except ImportError:
+            other = []
+        n_linear = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+        found = (f"PEFT layers of other methods ({', '.join(other)})" if other
+                 else f"no PEFT layer at all ({n_linear} nn.Linear modules)")
+        raise ValueError(
+            f"fastlora patches PEFT LoRA models, but {type(model).__name__} has no PEFT LoRA layer: found {found}. "
+            "Wrap the model with peft.get_peft_model(model, LoraConfig(...)) first."
+        )
+    return layers, types
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Make every eligible PEFT LoRA Linear layer of ``model`` run fastlora's fused op.
+
+    Returns a :class:`PatchReport`; logs a summary line (logger ``"fastlora"``) and one line per
+    distinct reason a layer was skipped. Patching an already patched model patches nothing new.
+    """
+    layers, types = _lora_layers(model, "patch")
+    report = PatchReport()
+    for name, layer in layers:
+        if _STATE_ATTR in layer.__dict__:
+            report.already_patched.append(name)
+            continue
+        kind, reason = _classify(layer, types)
+        if kind is None:
+            report.skipped[name] = reason
+            continue
+        prev = layer.__dict__.get("forward")
+        layer.__dict__[_STATE_ATTR] = _LayerPatch(prev, report, name, kind)
+        # an instance attribute shadows the class's forward for this module only
+        layer.__dict__["forward"] = _patched_forward.__get__(layer, type(layer))
+        report.patched.append(name)
+        report.kinds[name] = kind
+
+    if not report.patched and report.already_patched and not report.skipped:
+        logger.info("fastlora: nothing new to patch: all %d LoRA layers are already patched",
+                    len(report.already_patched))
+        return report
+    logger.info(report.summary())
+    by_reason = collections.defaultdict(list)
+    for name, reason in report.skipped.items():
+        by_reason[reason.split(":", 1)[0]].append(name)
+    for key, names in by_reason.items():
+        logger.info("fastlora: %d layer(s) use PEFT's forward: %s (%s), e.g. %s",
+                    len(names), key, SKIP_REASONS[key], report.skipped[names[0]])
+    if not report.patched and not report.already_patched:
+        msg = (f"fastlora patched none of the {len(report.skipped)} LoRA layers; they keep PEFT's forward. "
+               f"Reasons: {sorted(by_reason)}")
+        logger.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    return report
+
+
+def unpatch(model: nn.Module) -> List[str]:
+    """Restore PEFT's forward on every layer :func:`patch` changed. Returns the restored names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastlora.unpatch takes an nn.Module, got {type(model).__module__}.{type(model).__name__}")
+    restored = []
+    for name, layer in model.named_modules():
+        st = layer.__dict__.pop(_STATE_ATTR, None)
+        if st is None:
+            continue
+        if st.prev_forward is None:
+            layer.__dict__.pop("forward", None)
+        else:
+            layer.__dict__["forward"] = st.prev_forward
+        restored.append(name)
+    logger.info("fastlora: unpatched %d LoRA layers", len(restored))
+    return restored
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True when ``module`` is a LoRA layer whose forward fastlora patched."""
+    return _STATE_ATTR in module.__dict__

@@ -1,0 +1,530 @@
+"""fastlora.patch / unpatch on PEFT LoRA layers: eligibility, per-call fallbacks, numerics, lifecycle.
+
+Numerics follow the rule in tests/helpers.py: the patched layer's output and gradients (dX, dA, dB)
+against an fp64 reference of the same math must be within 2x the error of PEFT's own unpatched
+forward (plain PyTorch / bitsandbytes in the same precision) plus a small atol. Every numeric test
+asserts that the fused op actually ran (report.fused_calls); every fallback test asserts the reason
+and that the result is PEFT's own, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import fastlora
+from fastlora.kernels.lora_matmul import dropout_keep_mask
+from fastlora.patch import FALLBACK_REASONS, SKIP_REASONS, is_patched
+
+from helpers import assert_within_rule
+from models import randomize_lora_B
+
+K_IN, N_OUT = 80, 48  # K not a multiple of 64: 4-bit blocks straddle rows
+
+
+class Toy(nn.Module):
+    """Modules applied in order; an nn.Embedding first takes token ids."""
+
+    def __init__(self, **layers):
+        super().__init__()
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+        self.names = list(layers)
+
+    def forward(self, x):
+        for name in self.names:
+            x = getattr(self, name)(x)
+        return x
+
+
+def make_base(kind, K=K_IN, N=N_OUT, bias=True, dtype=torch.bfloat16, compute_dtype=torch.bfloat16,
+              quant_type="nf4", double_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dense = nn.Linear(K, N, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(N, K, generator=g) * K ** -0.5)
+        if bias:
+            dense.bias.copy_(torch.randn(N, generator=g) * 0.1)
+    if kind == "dense":
+        return dense.to(dtype).requires_grad_(False)
+    q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute_dtype, quant_type=quant_type,
+                          compress_statistics=double_quant)
+    q.load_state_dict(dense.state_dict())
+    return q.to("cpu")  # quantizes
+
+
+def make_model(kind="4bit", r=8, dropout=0.0, lora_kw=None, **base_kw):
+    toy = Toy(proj=make_base(kind, **base_kw))
+    toy.is_loaded_in_4bit = kind == "4bit"
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], **(lora_kw or {}))
+    pm = get_peft_model(toy, cfg)
+    randomize_lora_B(pm, seed=1, std=0.1)
+    return pm
+
+
+def layer_of(pm, name="proj"):
+    return pm.get_submodule(f"base_model.model.{name}")
+
+
+def base_weight_f64(layer):
+    base = layer.base_layer
+    if isinstance(base, bnb.nn.Linear4bit):
+        w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state, quant_type=base.weight.quant_type)
+        return w.double()
+    return base.weight.detach().double()
+
+
+def exact_forward(layer, x, adapters, mask=None, p=0.0):
+    """fp64 Y = X·Wᵀ + b + Σ s·(D(X)·Aᵀ)·Bᵀ with leaf copies of X, A_i, B_i for the gradients."""
+    xd = x.detach().double().requires_grad_(True)
+    y = xd @ base_weight_f64(layer).t()
+    if layer.base_layer.bias is not None:
+        y = y + layer.base_layer.bias.detach().double()
+    leaves = {}
+    xl = xd if mask is None else xd * mask.double().reshape(xd.shape) / (1.0 - p)
+    for a in adapters:
+        A = layer.lora_A[a].weight.detach().double().requires_grad_(True)
+        B = layer.lora_B[a].weight.detach().double().requires_grad_(True)
+        y = y + layer.scaling[a] * (xl @ A.t()) @ B.t()
+        leaves[a] = (A, B)
+    return y, xd, leaves
+
+
+def run(pm, x, dy, adapters, name="proj"):
+    """Forward + backward through the model; returns Y, dX and {adapter: (dA, dB)}."""
+    pm.zero_grad(set_to_none=True)
+    xg = x.clone().requires_grad_(True)
+    y = pm(xg)
+    y.backward(dy.to(y.dtype))
+    layer = layer_of(pm, name)
+    grads = {a: (layer.lora_A[a].weight.grad, layer.lora_B[a].weight.grad) for a in adapters}
+    return y.detach(), xg.grad, grads
+
+
+def check_against_peft(pm, ref, x, adapters, what, mask=None, p=0.0):
+    """Patched pm vs PEFT (ref, never patched) vs fp64: output and every gradient, by the rule."""
+    torch.manual_seed(123)
+    dy = torch.randn(*x.shape[:-1], N_OUT, dtype=torch.float64)
+    y, dx, g = run(pm, x, dy, adapters)
+    y_l, dx_l, g_l = run(ref, x, dy, adapters)
+    assert y.dtype == y_l.dtype, f"{what}: output dtype {y.dtype}, PEFT gives {y_l.dtype}"
+    assert dx.dtype == dx_l.dtype, f"{what}: dX dtype {dx.dtype}, PEFT gives {dx_l.dtype}"
+    ye, xd, leaves = exact_forward(layer_of(pm), x, adapters, mask, p)
+    ye.backward(dy)
+    assert_within_rule(f"{what} Y", y, ye, y_l)
+    assert_within_rule(f"{what} dX", dx, xd.grad, dx_l)
+    for a in adapters:
+        A, B = leaves[a]
+        assert g[a][0].dtype == g_l[a][0].dtype
+        assert_within_rule(f"{what} dA[{a}]", g[a][0], A.grad, g_l[a][0])
+        assert_within_rule(f"{what} dB[{a}]", g[a][1], B.grad, g_l[a][1])
+
+
+def patched_pair(pm):
+    ref = copy.deepcopy(pm)
+    report = fastlora.patch(pm)
+    return ref, report
+
+
+# ------------------------------------------------------------------------------------------------
+# numerics of the fused path
+# ------------------------------------------------------------------------------------------------
+
+CASES = {
+    # QLoRA after prepare_model_for_kbit_training: fp32 activations, bf16 compute, fp32 adapters
+    "4bit-x32-bf16compute": dict(kind="4bit", x_dtype=torch.float32),
+    "4bit-x_bf16": dict(kind="4bit", x_dtype=torch.bfloat16),
+    "4bit-fp4-plainabsmax-nobias": dict(kind="4bit", x_dtype=torch.float32, quant_type="fp4",
+                                        double_quant=False, bias=False),
+    "4bit-fp16compute": dict(kind="4bit", x_dtype=torch.float16, compute_dtype=torch.float16),
+    "dense-bf16": dict(kind="dense", x_dtype=torch.bfloat16),
+    "dense-fp32-r5": dict(kind="dense", x_dtype=torch.float32, dtype=torch.float32, r=5),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_peft(case):
+    kw = dict(CASES[case])
+    x_dtype = kw.pop("x_dtype")
+    pm = make_model(**kw)
+    ref, report = patched_pair(pm)
+    assert report.patched == ["base_model.model.proj"], report
+    x = torch.randn(3, 7, K_IN).to(x_dtype)  # M = 21 tokens
+    check_against_peft(pm, ref, x, ["default"], case)
+    assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, report.fallback_calls)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_fused_under_autocast(kind):
+    """CPU autocast bf16 over fp32 activations (Trainer bf16=True): bitsandbytes' and nn.Linear's
+    inner F.linear run in bf16; the result dtype is PEFT's (fp32 for 4-bit, bf16 for dense)."""
+    pm = make_model(kind, dtype=torch.float32, compute_dtype=torch.float32)
+    ref, report = patched_pair(pm)
+    x = torch.randn(2, 9, K_IN)
+    torch.manual_seed(5)
+    dy = torch.randn(2, 9, N_OUT, dtype=torch.float64)
+    outs = []
+    for model in (pm, ref):
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xg)
+        y.backward(dy.to(y.dtype))
+        la = layer_of(model)
+        outs.append((y.detach(), xg.grad, la.lora_A["default"].weight.grad, la.lora_B["default"].weight.grad))
+    assert report.fused_calls == 1, report
+    assert outs[0][0].dtype == outs[1][0].dtype, (outs[0][0].dtype, outs[1][0].dtype)
+    # exact reference: the math on bf16-rounded x and W (what autocast feeds F.linear), fp64
+    layer = layer_of(pm)
+    ye, xd, leaves = exact_forward(layer, x, ["default"])
+    ye.backward(dy)
+    A, B = leaves["default"]
+    for i, (name, exact) in enumerate([("Y", ye), ("dX", xd.grad), ("dA", A.grad), ("dB", B.grad)]):
+        assert_within_rule(f"autocast {kind} {name}", outs[0][i], exact, outs[1][i])
+
+
+def test_dropout_uses_kernel_mask_in_training_only():
+    """p is read from the dropout module at call time and applied only in training mode; the mask
+    is the kernel's counter-based one, drawn from torch's CPU generator (so it can be reproduced)."""
+    p = 0.25
+    pm = make_model("4bit", dropout=p)
+    ref, report = patched_pair(pm)
+    x = torch.randn(2, 5, K_IN)
+    pm.train(), ref.train()
+    torch.manual_seed(77)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # what lora_linear draws
+    mask = dropout_keep_mask(10, K_IN, p, seed, "cpu")
+    torch.manual_seed(77)
+    y = pm(x)
+    ye, _, _ = exact_forward(layer_of(pm), x, ["default"], mask=mask, p=p)
+    # PEFT in the same precision on the same mask: the low-precision reference
+    la = layer_of(ref)
+    with torch.no_grad():
+        base = la.base_layer(x)
+        term = la.lora_B["default"](la.lora_A["default"](x * mask.reshape(x.shape) / (1 - p))) * la.scaling["default"]
+        y_l = base + term.to(base.dtype)
+    assert_within_rule("dropout Y", y, ye, y_l)
+    assert 0.6 < mask.float().mean().item() < 0.9, mask.float().mean()
+    # eval: no dropout, the same as PEFT's eval output within the rule
+    pm.eval(), ref.eval()
+    check_against_peft(pm, ref, x, ["default"], "dropout-eval")
+    # the module is read at call time: p changed after patching is honoured
+    layer_of(pm).lora_dropout["default"].p = 0.0
+    pm.train()
+    y0 = pm(x)
+    pm.eval()
+    assert torch.equal(y0, pm(x)), "p=0 in training mode must equal eval"
+    assert report.fused_calls == 4 and not report.fallback_calls, report
+
+
+def test_reads_module_state_at_call_time():
+    pm = make_model("4bit")
+    ref, report = patched_pair(pm)
+    for model in (pm, ref):
+        la = layer_of(model)
+        la.scaling["default"] = 0.37
+        with torch.no_grad():
+            la.lora_B["default"].weight.mul_(-3.0)
+    check_against_peft(pm, ref, torch.randn(4, K_IN), ["default"], "changed scaling and B")
+    assert report.fused_calls == 1
+
+
+def test_compute_dtype_set_from_first_input_like_bitsandbytes():
+    """A Linear4bit with no compute dtype takes it from its first input (bitsandbytes' set_compute_type)."""
+    pm = make_model("4bit", compute_dtype=None)
+    ref, report = patched_pair(pm)
+    assert layer_of(pm).base_layer.compute_type_is_set is False
+    check_against_peft(pm, ref, torch.randn(6, K_IN).bfloat16(), ["default"], "compute dtype from input")
+    for model in (pm, ref):
+        base = layer_of(model).base_layer
+        assert base.compute_type_is_set and base.compute_dtype == torch.bfloat16, base.compute_dtype
+    assert report.fused_calls == 1
+
+
+def test_two_active_adapters_sum_like_peft():
+    pm = make_model("4bit", r=8)
+    pm.add_adapter("other", LoraConfig(r=4, lora_alpha=12, target_modules=["proj"]))
+    randomize_lora_B(pm, seed=2, std=0.1)
+    pm.base_model.set_adapter(["default", "other"])
+    ref, report = patched_pair(pm)
+    check_against_peft(pm, ref, torch.randn(2, 6, K_IN), ["default", "other"], "two adapters")
+    assert report.fused_calls == 1 and not report.fallback_calls
+    # set_adapter switches the fused layer to the other adapter's weights
+    for model in (pm, ref):
+        model.set_adapter("other")
+    check_against_peft(pm, ref, torch.randn(5, K_IN), ["other"], "set_adapter('other')")
+    assert report.fused_calls == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# fallbacks: the reason, and PEFT's own result
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_fallback(pm, ref, report, reason, call):
+    before = report.fused_calls
+    y = call(pm)
+    y_ref = call(ref)
+    assert report.fallback_calls[reason] >= 1, f"expected fallback {reason!r}, got {dict(report.fallback_calls)}"
+    assert report.fused_calls == before, "the fused op ran where it must not"
+    assert torch.equal(y, y_ref), f"fallback {reason}: max diff {(y.float() - y_ref.float()).abs().max()}"
+
+
+def test_fallback_disable_adapter():
+    pm = make_model("4bit")
+    ref, report = patched_pair(pm)
+    x = torch.randn(3, K_IN)
+
+    def call(m):
+        with m.disable_adapter():
+            return m(x)
+
+    assert_fallback(pm, ref, report, "adapters_disabled", call)
+    pm(x)
+    assert report.fused_calls == 1, "adapters back on: the fused op runs again"
+
+
+@pytest.mark.parametrize("kind", ["dense", "4bit"])
+def test_fallback_merged_then_unmerged(kind):
+    pm = make_model(kind)
+    ref, report = patched_pair(pm)
+    x = torch.randn(3, K_IN).to(torch.bfloat16 if kind == "dense" else torch.float32)
+    for m in (pm, ref):
+        m.merge_adapter()
+    assert_fallback(pm, ref, report, "merged", lambda m: m(x))
+    for m in (pm, ref):
+        m.unmerge_adapter()
+    pm(x)
+    assert report.fused_calls == 1
+
+
+def test_fallback_mixed_batch_adapter_names():
+    pm = make_model("4bit")
+    pm.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    randomize_lora_B(pm, seed=3, std=0.1)
+    ref, report = patched_pair(pm)
+    x = torch.randn(3, 2, K_IN)
+    names = ["default", "other", "__base__"]
+    pm.eval(), ref.eval()  # PEFT accepts adapter_names only in eval mode
+    assert_fallback(pm, ref, report, "adapter_names", lambda m: m(x, adapter_names=names))
+
+
+def test_dora_skipped_at_patch_time_and_falls_back_per_call(caplog):
+    # a model whose only adapter is DoRA: nothing to patch, a warning, PEFT's training unchanged
+    pm = make_model("4bit", lora_kw=dict(use_dora=True))
+    ref = copy.deepcopy(pm)
+    with caplog.at_level(logging.INFO, logger="fastlora"), pytest.warns(UserWarning, match="patched none"):
+        report = fastlora.patch(pm)
+    assert report.patched == [] and report.skipped["base_model.model.proj"].startswith("no_plain_adapter"), report
+    assert "DoraLinearVariant" in report.skipped["base_model.model.proj"]
+    assert any("no_plain_adapter" in r.message for r in caplog.records), caplog.text
+    x = torch.randn(4, K_IN)
+    y, dx, g = run(pm, x, torch.ones(4, N_OUT), ["default"])
+    y_r, dx_r, g_r = run(ref, x, torch.ones(4, N_OUT), ["default"])
+    assert torch.equal(y, y_r) and torch.equal(dx, dx_r) and torch.equal(g["default"][1], g_r["default"][1])
+    # plain + DoRA adapters on one layer: patched; the DoRA adapter falls back when active
+    pm = make_model("4bit")
+    pm.add_adapter("dora", LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], use_dora=True))
+    ref, report = patched_pair(pm)
+    assert report.patched == ["base_model.model.proj"]
+    for m in (pm, ref):
+        m.set_adapter("dora")
+    assert_fallback(pm, ref, report, "lora_variant", lambda m: m(x))
+
+
+def test_lora_bias_skipped():
+    pm = make_model("dense", lora_kw=dict(lora_bias=True))
+    with pytest.warns(UserWarning, match="patched none"):
+        report = fastlora.patch(pm)
+    assert report.skipped["base_model.model.proj"].startswith("no_plain_adapter: lora_bias"), report.skipped
+
+
+def test_fallback_lora_bias_adapter_active():
+    pm = make_model("dense")
+    pm.add_adapter("biased", LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_bias=True))
+    ref, report = patched_pair(pm)
+    for m in (pm, ref):
+        m.set_adapter("biased")
+    x = torch.randn(2, K_IN).bfloat16()
+    assert_fallback(pm, ref, report, "lora_bias", lambda m: m(x))
+
+
+def test_fallback_two_adapters_with_dropout_in_training():
+    pm = make_model("dense", dropout=0.1)
+    pm.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.1))
+    pm.base_model.set_adapter(["default", "other"])
+    ref, report = patched_pair(pm)
+    pm.train(), ref.train()
+    x = torch.randn(2, K_IN).bfloat16()
+
+    def call(m):
+        torch.manual_seed(9)  # PEFT's nn.Dropout masks: the same draw in both
+        return m(x)
+
+    assert_fallback(pm, ref, report, "multiple_adapters_dropout", call)
+
+
+def test_fallback_no_active_adapter_on_layer():
+    toy = Toy(proj=make_base("dense"), head=make_base("dense", K=N_OUT, N=N_OUT, seed=1))
+    pm = get_peft_model(toy, LoraConfig(r=4, lora_alpha=8, target_modules=["proj", "head"]))
+    pm.add_adapter("head_only", LoraConfig(r=4, lora_alpha=8, target_modules=["head"]))
+    randomize_lora_B(pm, seed=4, std=0.1)
+    ref, report = patched_pair(pm)
+    assert sorted(report.patched) == ["base_model.model.head", "base_model.model.proj"]
+    for m in (pm, ref):
+        m.set_adapter("head_only")
+    x = torch.randn(3, K_IN).bfloat16()
+    y, y_r = pm(x), ref(x)
+    assert report.fallback_calls["no_active_adapter"] == 1 and report.fused_calls == 1, report
+    # the head layer ran fused: within bf16 rounding of PEFT, not bit-identical in general
+    torch.testing.assert_close(y.float(), y_r.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fallback_base_requires_grad():
+    pm = make_model("dense", lora_kw=dict(bias="all"))  # PEFT unfreezes the base biases
+    ref, report = patched_pair(pm)
+    assert layer_of(pm).base_layer.bias.requires_grad
+    x = torch.randn(2, K_IN).bfloat16()
+    assert_fallback(pm, ref, report, "base_requires_grad", lambda m: m(x))
+
+
+def test_fallback_device_without_interpreter(monkeypatch):
+    pm = make_model("4bit")
+    ref, report = patched_pair(pm)
+    x = torch.randn(2, K_IN)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine CPU tensors are the fallback case only without the interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert_fallback(pm, ref, report, "device", lambda m: m(x))
+
+
+def test_fallback_dtype_mismatch_raises_like_peft():
+    pm = make_model("dense")  # bf16 weights
+    ref, report = patched_pair(pm)
+    x = torch.randn(2, K_IN)  # fp32 into a bf16 nn.Linear: PEFT raises
+    with pytest.raises(RuntimeError) as e_ref:
+        ref(x)
+    with pytest.raises(RuntimeError) as e:
+        pm(x)
+    assert str(e.value) == str(e_ref.value)
+    assert report.fallback_calls["dtype"] == 1 and report.fused_calls == 0
+
+
+def test_unsupported_layer_types_skipped():
+    toy = Toy(emb=nn.Embedding(16, K_IN), proj=make_base("dense", dtype=torch.float32))
+    pm = get_peft_model(toy, LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "proj"]))
+    report = fastlora.patch(pm)
+    assert report.patched == ["base_model.model.proj"]
+    assert report.skipped["base_model.model.emb"].startswith("unsupported_layer_type"), report.skipped
+    ids = torch.randint(0, 16, (2, 3))
+    pm(ids).sum().backward()
+    assert report.fused_calls == 1
+
+
+def test_reason_lists_are_documented():
+    for reason in list(SKIP_REASONS) + list(FALLBACK_REASONS):
+        assert reason.isidentifier()
+    assert {"lora_variant", "lora_bias", "adapters_disabled", "merged", "adapter_names"} <= set(FALLBACK_REASONS)
+
+
+# ------------------------------------------------------------------------------------------------
+# lifecycle: patch twice, unpatch, errors, save / reload
+# ------------------------------------------------------------------------------------------------
+
+
+def test_patch_twice_patches_nothing_new(caplog):
+    pm = make_model("4bit")
+    first = fastlora.patch(pm)
+    with caplog.at_level(logging.INFO, logger="fastlora"):
+        second = fastlora.patch(pm)
+    assert second.patched == [] and second.already_patched == first.patched == ["base_model.model.proj"]
+    assert "already patched" in caplog.text, caplog.text
+    pm(torch.randn(2, K_IN))
+    assert first.fused_calls == 1 and second.fused_calls == 0  # the layer still reports to its patcher
+
+
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_unpatch_restores_bit_identical(kind):
+    pm = make_model(kind, dropout=0.1)
+    never = copy.deepcopy(pm)
+    sd_before = {k: v.clone() for k, v in pm.state_dict().items()}
+    report = fastlora.patch(pm)
+    layer = layer_of(pm)
+    assert is_patched(layer) and "forward" in layer.__dict__
+    x = torch.randn(3, K_IN).to(torch.bfloat16 if kind == "dense" else torch.float32)
+    pm.train()
+    pm(x).float().sum().backward()  # exercise the fused path before restoring
+    assert report.fused_calls == 1
+    restored = fastlora.unpatch(pm)
+    assert restored == ["base_model.model.proj"] and not is_patched(layer) and "forward" not in layer.__dict__
+    sd_after = pm.state_dict()
+    assert sd_after.keys() == sd_before.keys()
+    for k, v in sd_before.items():
+        assert v.dtype == sd_after[k].dtype and torch.equal(v, sd_after[k]), f"state_dict[{k}] changed"
+    pm.zero_grad(set_to_none=True)
+    for m in (pm, never):
+        m.train()
+    outs = []
+    for m in (pm, never):
+        torch.manual_seed(11)  # the same PEFT dropout mask
+        xg = x.clone().requires_grad_(True)
+        y = m(xg)
+        y.float().pow(2).sum().backward()
+        outs.append((y, xg.grad, layer_of(m).lora_A["default"].weight.grad))
+    for a, b, what in zip(outs[0], outs[1], ("Y", "dX", "dA")):
+        assert torch.equal(a, b), f"after unpatch {what} differs from a never-patched model by {(a - b).abs().max()}"
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="PEFT LoRA model"):
+        fastlora.patch("not a model")
+    with pytest.raises(ValueError, match=r"patches PEFT LoRA models.*no PEFT layer at all \(1 nn.Linear"):
+        fastlora.patch(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    from peft import IA3Config
+
+    ia3 = get_peft_model(Toy(proj=make_base("dense", dtype=torch.float32)),
+                         IA3Config(target_modules=["proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match="other methods.*Linear"):
+        fastlora.patch(ia3)
+    with pytest.raises(TypeError):
+        fastlora.unpatch(42)
+
+
+def test_save_reload_then_patch(tmp_path):
+    pm = make_model("4bit")
+    pm.save_pretrained(tmp_path / "adapter")
+    report = fastlora.patch(pm)
+    x = torch.randn(2, 4, K_IN)
+    y = pm(x)
+    # reload the adapter onto a fresh base and patch again: the same fused result
+    fresh = Toy(proj=make_base("4bit"))
+    fresh.is_loaded_in_4bit = True
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    report2 = fastlora.patch(reloaded)
+    assert report2.patched == report.patched
+    y2 = reloaded(x)
+    assert report2.fused_calls == 1
+    assert torch.equal(y, y2), f"reloaded adapter differs by {(y - y2).abs().max()}"
+    # saving from a patched model writes what PEFT writes
+    reloaded.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fallback_base_layer_hooks():
+    """A hook on the base layer (what accelerate's offloading installs) is PEFT's to run."""
+    pm = make_model("4bit")
+    ref, report = patched_pair(pm)
+    for m in (pm, ref):
+        layer_of(m).base_layer.register_forward_hook(lambda mod, inp, out: out * 2)
+    x = torch.randn(2, K_IN)
+    assert_fallback(pm, ref, report, "module_hooks", lambda m: m(x))
