@@ -35,7 +35,7 @@ import collections
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ class PatchReport:
         proj = ", ".join(f"{k}×{v}" for k, v in sorted(projections.items())) or "none"
         total = len(self.patched) + len(self.skipped) + len(self.already_patched)
         line = (
-            f"fastlora: patched {len(self.patched)} of {total} LoRA layers "
+            f"patched {len(self.patched)} of {total} LoRA layers "
             f"({n4} 4-bit, {len(self.patched) - n4} dense) [{proj}]; "
             f"{len(self.skipped)} fell back to PEFT"
         )
@@ -117,7 +117,7 @@ class PatchReport:
         self.fallback_calls[reason] += 1
         if (name, reason) not in self._logged:
             self._logged.add((name, reason))
-            logger.debug("fastlora: %s runs PEFT's forward: %s (%s)", name, reason, FALLBACK_REASONS[reason])
+            logger.debug("%s runs PEFT's forward: %s (%s)", name, reason, FALLBACK_REASONS[reason])
 
 
 class _LayerPatch:
@@ -401,22 +401,22 @@ def patch(model: nn.Module) -> PatchReport:
         report.patched.append(name)
         report.kinds[name] = kind
 
-    if not report.patched and report.already_patched and not report.skipped:
-        logger.info("fastlora: nothing new to patch: all %d LoRA layers are already patched",
-                    len(report.already_patched))
+    if not report.patched and report.already_patched:
+        logger.info("nothing new to patch: %d LoRA layers already patched, %d left on PEFT's forward",
+                    len(report.already_patched), len(report.skipped))
         return report
     logger.info(report.summary())
     by_reason = collections.defaultdict(list)
     for name, reason in report.skipped.items():
         by_reason[reason.split(":", 1)[0]].append(name)
     for key, names in by_reason.items():
-        logger.info("fastlora: %d layer(s) use PEFT's forward: %s (%s), e.g. %s",
-                    len(names), key, SKIP_REASONS[key], report.skipped[names[0]])
+        logger.info("%d layer(s) keep PEFT's forward: %s [%s], e.g. %s",
+                    len(names), report.skipped[names[0]], SKIP_REASONS[key], names[0])
     if not report.patched and not report.already_patched:
-        msg = (f"fastlora patched none of the {len(report.skipped)} LoRA layers; they keep PEFT's forward. "
+        msg = (f"patched none of the {len(report.skipped)} LoRA layers; they keep PEFT's forward. "
                f"Reasons: {sorted(by_reason)}")
         logger.warning(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn("fastlora " + msg, UserWarning, stacklevel=2)
     return report
 
 
@@ -434,7 +434,7 @@ def unpatch(model: nn.Module) -> List[str]:
         else:
             layer.__dict__["forward"] = st.prev_forward
         restored.append(name)
-    logger.info("fastlora: unpatched %d LoRA layers", len(restored))
+    logger.info("unpatched %d LoRA layers", len(restored))
     return restored
 
 

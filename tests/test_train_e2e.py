@@ -42,7 +42,9 @@ N_LORA_LAYERS = 2 * len(PROJECTIONS)
 # per-step |loss_patched - loss_peft| with dropout 0 (see the module docstring)
 LOSS_ATOL = 2e-3
 # with dropout 0.05 the masks differ (fastlora's counter RNG vs torch's); the runs are two samples of
-# the same noisy process: the final losses must agree within this fraction of the total decrease
+# the same noisy process: the final losses must agree within this fraction of the total decrease.
+# Measured: final gap 0.003 (4-bit) and 0.003 (dense) for a decrease of 0.37. The mask semantics
+# themselves (keep-prob, 1/(1-p), training mode only) are checked exactly in test_patch.py.
 DROPOUT_FINAL_RTOL = 0.25
 
 
