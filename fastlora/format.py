@@ -112,7 +112,7 @@ def from_bnb(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
             f"{blocksize} has {nblocks} blocks"
         )
     absmax2 = code2 = None
-    blocksize2, offset = 256, 0.0
+    blocksize2, offset = 256, None
     nested = bool(getattr(quant_state, "nested", False)) or getattr(quant_state, "state2", None) is not None
     if nested:
         state2 = quant_state.state2
@@ -131,11 +131,17 @@ def from_bnb(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
                 f"ceil({nblocks}/{blocksize2})"
             )
         off = quant_state.offset
-        offset = float(off.item() if isinstance(off, torch.Tensor) else (off or 0.0))
+        if isinstance(off, torch.Tensor):
+            if off.numel() != 1:
+                raise ValueError(f"quant_state.offset must be a scalar, got shape {tuple(off.shape)}")
+            # a view of bitsandbytes' own scalar: the kernel loads it, no .item() (no GPU sync)
+            offset = off.reshape(1) if off.dtype == torch.float32 else off.reshape(1).float()
+        else:
+            offset = torch.tensor([float(off or 0.0)], dtype=torch.float32, device=weight.device)
     else:
         absmax = _f32(absmax, "absmax")
 
-    tensors = {"code": code, "absmax": absmax, "state2.absmax": absmax2, "state2.code": code2}
+    tensors = {"code": code, "absmax": absmax, "state2.absmax": absmax2, "state2.code": code2, "offset": offset}
     for name, t in tensors.items():
         if t is not None and t.device != weight.device:
             raise ValueError(f"weight is on {weight.device} but quant_state.{name} is on {t.device}")

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .format import from_bnb
-from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul
+from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul, seed_tensor
 from .kernels.quant4 import Packed4bit, dequantize_4bit
 
 STRATEGIES = ("fused", "dequant")
@@ -42,24 +42,39 @@ def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.devic
     return "fused" if M < DEQUANT_MIN_TOKENS else "dequant"
 
 
-def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, **epilogue):
-    """out = a · (Wᵀ or W) + epilogue, by the chosen strategy."""
+def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, **epilogue):
+    """out = a · (Wᵀ or W) + bias + epilogue, by the chosen strategy.
+
+    Where ``out`` is wider than ``compute_dtype`` the frozen product (+ bias) is rounded to
+    ``compute_dtype`` before the LoRA term is added: bitsandbytes returns X·Wᵀ + bias rounded to its
+    compute dtype and PEFT adds the LoRA term to that, so both strategies give PEFT's rounding.
+    """
+    round_base = out.dtype != compute_dtype and compute_dtype != torch.float32
     if strategy == "fused":
-        return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, **epilogue)
-    wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
-    a_c = a.to(compute_dtype)
-    if out.dtype == compute_dtype and out.is_contiguous():
-        torch.matmul(a_c, wd if trans_w else wd.t(), out=out)
-    else:
-        out.copy_(torch.matmul(a_c, wd if trans_w else wd.t()))
-    del wd, a_c  # the [N, K] temporary lives only for this one product
+        return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
+                           round_base=round_base, **epilogue)
+    # autocast would re-cast the cuBLAS product; the dtypes here are explicit
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
+        a_c = a.to(compute_dtype)
+        wt = wd if trans_w else wd.t()
+        direct = out.dtype == compute_dtype and out.is_contiguous()
+        if bias is not None:
+            b = bias.to(compute_dtype)
+            prod = torch.addmm(b, a_c, wt, out=out) if direct else torch.addmm(b, a_c, wt)
+        else:
+            prod = torch.matmul(a_c, wt, out=out) if direct else torch.matmul(a_c, wt)
+        if not direct:
+            out.copy_(prod)
+        del wd, wt, a_c, prod  # the [N, K] temporary lives only for this one product
     return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True,
                        skip_main=True, **epilogue)
 
 
 class _LoRALinearFn(torch.autograd.Function):
-    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] fp32, the dropout seed, and
-    references to A, B and the frozen weight (the module's own storage; never a dequantized W)."""
+    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] fp32, the dropout seed (int64 [1]
+    on the device), and references to A, B and the frozen weight (the module's own storage; never a
+    dequantized W)."""
 
     @staticmethod
     def forward(ctx, x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, strategy):
@@ -73,16 +88,16 @@ class _LoRALinearFn(torch.autograd.Function):
         y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
         _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
                         lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
-        ctx.save_for_backward(x2, h, lora_A, lora_B)
+        ctx.save_for_backward(x2, h, lora_A, lora_B, seed)
         ctx.w = w
-        ctx.cfg = (scaling, dropout_p, seed, compute_dtype, strategy)
+        ctx.cfg = (scaling, dropout_p, compute_dtype, strategy)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, h, lora_A, lora_B = ctx.saved_tensors
+        x2, h, lora_A, lora_B, seed = ctx.saved_tensors
         w = ctx.w
-        scaling, dropout_p, seed, compute_dtype, strategy = ctx.cfg
+        scaling, dropout_p, compute_dtype, strategy = ctx.cfg
         drop = dropout_p > 0.0
         M, K = x2.shape
         N, r = lora_B.shape
@@ -172,8 +187,9 @@ def lora_linear(
     dropout_p:   LoRA dropout probability (0 in eval); kept values scaled by 1/(1-p)
     compute_dtype: dtype of the frozen product (bitsandbytes' compute_dtype); default x.dtype
     strategy:    "fused", "dequant" or "auto" (see :func:`choose_strategy`)
-    seed:        dropout seed; drawn from torch's CPU generator when None, so ``torch.manual_seed``
-                 and activation checkpointing (which restores RNG state) reproduce the mask
+    seed:        dropout seed (int); when None it is drawn on x's device from that device's generator
+                 (no host sync; ``torch.manual_seed`` and activation checkpointing, which restores
+                 that generator, reproduce the mask; the CPU random stream is left alone on a GPU)
     Returns [..., N] in x's dtype. No gradient flows to weight or bias.
     """
     if isinstance(weight, Packed4bit):
@@ -198,8 +214,11 @@ def lora_linear(
     M = x2.shape[0]
     if strategy == "auto":
         strategy = choose_strategy(M, N, K, isinstance(w, Packed4bit), x.device)
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    y = _LoRALinearFn.apply(x2, lora_A, lora_B, w, bias, scaling, dropout_p, int(seed or 0),
-                            compute_dtype, strategy)
+    if dropout_p == 0.0:
+        seed_t = None
+    elif seed is None:
+        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
+    else:
+        seed_t = seed_tensor(seed, x.device)
+    y = _LoRALinearFn.apply(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed_t, compute_dtype, strategy)
     return y.reshape(*lead, N)

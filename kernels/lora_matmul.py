@@ -16,14 +16,19 @@ W is either bitsandbytes 4-bit (IS_4BIT: decoded tile by tile with ``quant4.deco
              dA = s·Gᵀ·D(X)                                     Aop = Gᵀ,  W = X,   dropout on W
              dB = s·dYᵀ·H                                       Aop = dYᵀ, W = H,   TRANS_W = True
 
-The epilogue (HAS_LORA) adds  s · L[m, :r] · R[:r, j]  with L = H (fwd) or G (bwd), R = Bᵀ or A, in
-fp32; optionally masked by dropout (DROPOUT = 3), plus a bias, plus the existing contents of ``out``
-(ACC_OUT, for the dequantize-then-cuBLAS strategy whose frozen product comes from torch.matmul).
+The epilogue adds a bias, then (ROUND_BASE) rounds the frozen product to COMPUTE as bitsandbytes'
+result is rounded before PEFT adds the LoRA term to it (matters when ``out`` is wider than COMPUTE,
+e.g. fp32 activations with bf16 compute), then (HAS_LORA) adds  s · L[m, :r] · R[:r, j]  with L = H
+(fwd) or G (bwd), R = Bᵀ or A, in fp32 and in rank chunks of BLOCK_R, optionally masked by dropout
+(DROPOUT = 3), then the existing contents of ``out`` (ACC_OUT, for the dequantize-then-cuBLAS
+strategy whose frozen product comes from cuBLAS).
 
 Dropout is a counter-based RNG: element (m, k) of X [M, K] is kept iff  rand(seed, m·K + k) >= p,
 kept values are scaled by 1/(1-p). The same (seed, m·K + k) regenerates the same mask wherever it
 is needed (DROPOUT = 1: on Aop, = 2: on W, = 3: on the epilogue term), so nothing mask-sized is
-stored. Offsets are int64 (M·K may pass 2³¹).
+stored. The seed is read from a one-element device tensor, drawn from the device's generator: no
+host sync, and activation checkpointing (which restores that generator) regenerates the same mask.
+Offsets are int64 (M·K may pass 2³¹).
 
 Accumulation is fp32. Operands are cast to COMPUTE (the frozen product's dtype: bf16/fp16 for the
 tensor cores, fp32 with IEEE precision for the adapter products, as PyTorch does for fp32 matmul).
@@ -66,11 +71,11 @@ def _lora_matmul_kernel(
     # out [M, J]
     out_ptr, stride_om, stride_oj,
     M, J, I, rank,
-    out_scale, lora_scale, seed, p, keep_scale,
+    out_scale, lora_scale, seed_ptr, p, keep_scale,
     TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
-    COMPUTE: tl.constexpr,
+    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -89,6 +94,9 @@ def _lora_matmul_kernel(
     mask_m = offs_m < M
     mask_j = offs_j < J
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    seed = 0
+    if DROPOUT != 0:
+        seed = tl.load(seed_ptr)
 
     # -- main loop over the reduction dimension --------------------------------------------------
     for i0 in range(0, I, BLOCK_I):
@@ -125,21 +133,26 @@ def _lora_matmul_kernel(
 
     acc = acc * out_scale
 
-    # -- epilogue: + s·L·R (dropout-masked), + bias, + existing out -------------------------------
+    # -- epilogue: + bias, round as bitsandbytes' result, + s·L·R (dropout-masked), + out ---------
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
+    if ROUND_BASE:
+        acc = acc.to(COMPUTE).to(tl.float32)
     if HAS_LORA:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
-        ro = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                     mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_J]
-        term = tl.dot(lo, ro, input_precision="ieee") * lora_scale                      # [BLOCK_M, BLOCK_J]
+        term = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < rank
+            lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
+            ro = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
+                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_J]
+            term = tl.dot(lo, ro, term, input_precision="ieee")                            # [BLOCK_M, BLOCK_J]
+        term = term * lora_scale
         if DROPOUT == 3:
             keep = _keep(seed, offs_m[:, None] * J + offs_j[None, :], p)
             term = tl.where(keep, term * keep_scale, 0.0)
         acc += term
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :] * stride_oj
     out_mask = mask_m[:, None] & mask_j[None, :]
     if ACC_OUT:
@@ -195,8 +208,9 @@ def lora_matmul(
     accumulate: bool = False,
     dropout: int = DROP_NONE,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: Optional[torch.Tensor] = None,
     skip_main: bool = False,
+    round_base: bool = False,
 ) -> torch.Tensor:
     """out[M, J] = out_scale · a[M, I] · T[I, J]  (+ lora_scale · lora_l[M, r] · lora_r[r, J], + bias[J],
     + out if accumulate), T = Wᵀ (trans_w False) or W (trans_w True).
@@ -206,7 +220,9 @@ def lora_matmul(
     out:    [M, J], any strides, written in place (and read when accumulate)
     lora_l: [M, r] (H or G), lora_r: [r, J] (a strided view of Bᵀ or A), any float dtype
     dropout: DROP_* selects where the keep-mask of X [M', K'] applies (see the module docstring)
+    seed:   int64 [1] on the device (required when dropout != DROP_NONE)
     skip_main: run only the epilogue (the frozen product is already in ``out``)
+    round_base: round out_scale·a·T + bias to compute_dtype before the LoRA term is added
     """
     if a.dim() != 2 or out.dim() != 2:
         raise ValueError(f"a and out must be 2-D, got {tuple(a.shape)} and {tuple(out.shape)}")
@@ -236,12 +252,15 @@ def lora_matmul(
     rank = lora_l.shape[1] if has_lora else 0
     if has_lora and (tuple(lora_l.shape) != (M, rank) or tuple(lora_r.shape) != (rank, J)):
         raise ValueError(f"LoRA factors must be [{M}, r] and [r, {J}], got {tuple(lora_l.shape)}, {tuple(lora_r.shape)}")
+    if dropout != DROP_NONE and (seed is None or seed.numel() != 1 or seed.device != a.device):
+        raise ValueError("dropout needs its seed as a one-element int64 tensor on the input's device")
     if M == 0 or J == 0:
         return out
     _interpreter.ensure()
 
     BM, BJ, BI, warps, stages = _config(M, J, I, is_4bit)
-    BR = _pow2_clamp(rank, 16, 1 << 20)
+    # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
+    BR = _pow2_clamp(rank, 16, 32)
     grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)
     l_ = lora_l if has_lora else out
     r_ = lora_r if has_lora else out
@@ -254,11 +273,12 @@ def lora_matmul(
         bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
         M, J, 0 if skip_main else I, rank,
-        float(out_scale), float(lora_scale), int(seed), float(dropout_p), float(keep_scale),
+        float(out_scale), float(lora_scale), seed if seed is not None else out, float(dropout_p),
+        float(keep_scale),
         TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
-        COMPUTE=_TL_DTYPES[compute_dtype],
+        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype],
         BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, GROUP_M=8,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
@@ -266,17 +286,24 @@ def lora_matmul(
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, numel, seed, p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(out_ptr, numel, seed_ptr, p, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, _keep(seed, offs, p).to(tl.int8), mask=offs < numel)
+    tl.store(out_ptr + offs, _keep(tl.load(seed_ptr), offs, p).to(tl.int8), mask=offs < numel)
 
 
-def dropout_keep_mask(M: int, K: int, p: float, seed: int, device) -> torch.Tensor:
-    """The bool keep-mask [M, K] the kernels apply for (seed, p). For tests and debugging only:
-    the fused op never materializes it."""
+def seed_tensor(seed: int, device) -> torch.Tensor:
+    """A dropout seed as the kernels take it: int64 [1] on ``device``."""
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
+    """The bool keep-mask [M, K] the kernels apply for (seed, p); ``seed`` an int or the op's seed
+    tensor. For tests and debugging only: the fused op never materializes it."""
     _interpreter.ensure()
+    if not isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed, device)
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M * K:
         BLOCK = 1024
-        _keep_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, int(seed), float(p), BLOCK=BLOCK)
+        _keep_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, seed, float(p), BLOCK=BLOCK)
     return out.bool()

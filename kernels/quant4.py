@@ -47,7 +47,7 @@ class Packed4bit:
     absmax:   fp32  [ceil(N*K/blocksize)] when not nested; uint8 codes when nested
     absmax2:  fp32  [ceil(len(absmax)/blocksize2)]   (nested only)
     code2:    fp32  [256]                           (nested only)
-    offset:   Python float                          (nested only)
+    offset:   fp32  [1]  on the device (nested only; a tensor, so reading it never syncs the GPU)
     All tensors are contiguous, on one device, and are views of the caller's storage (no copies).
     """
 
@@ -61,7 +61,7 @@ class Packed4bit:
     absmax2: Optional[torch.Tensor] = None
     code2: Optional[torch.Tensor] = None
     blocksize2: int = 256
-    offset: float = 0.0
+    offset: Optional[torch.Tensor] = None
     dtype: Optional[torch.dtype] = None  # the compute dtype bitsandbytes recorded, if any
 
     @property
@@ -80,13 +80,14 @@ class Packed4bit:
 
 @triton.jit
 def decode_4bit(
-    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     flat, mask,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
 ):
     """Decode the 4-bit elements at flat positions ``flat`` (int64, any block shape) to fp32.
 
-    Masked-off lanes read byte 0 / absmax 0 and decode to 0.0, so they add nothing to a dot.
+    Masked-off lanes read byte 0 and (plain absmax) absmax 0; with double quant they decode to
+    code[0]·offset. Callers mask the other operand of the dot or the store, so they add nothing.
     """
     byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     # even flat index -> high nibble (shift 4), odd -> low nibble (shift 0)
@@ -97,7 +98,7 @@ def decode_4bit(
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        absmax = tl.load(code2_ptr + q) * scale2 + offset     # launched with fp fusion off: no FMA
+        absmax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)  # fp fusion off: no FMA
     else:
         absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return value * absmax
@@ -110,7 +111,7 @@ def decode_4bit(
 
 @triton.jit
 def _dequant_4bit_kernel(
-    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     out_ptr, numel,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -118,7 +119,7 @@ def _dequant_4bit_kernel(
     pid = tl.program_id(0).to(tl.int64)
     flat = pid * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK] int64 flat positions
     mask = flat < numel
-    w = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset, flat, mask,
+    w = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
                     BLOCKSIZE, BLOCKSIZE2, NESTED)
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -126,9 +127,9 @@ def _dequant_4bit_kernel(
 def kernel_args(q: Packed4bit):
     """The pointer/scalar arguments every kernel that decodes ``q`` takes, in decode_4bit's order."""
     if q.nested:
-        return (q.packed, q.code, q.absmax, q.absmax2, q.code2, float(q.offset))
+        return (q.packed, q.code, q.absmax, q.absmax2, q.code2, q.offset)
     # unused pointers still need a valid tensor; the NESTED constexpr keeps them unread
-    return (q.packed, q.code, q.absmax, q.absmax, q.code, 0.0)
+    return (q.packed, q.code, q.absmax, q.absmax, q.code, q.code)
 
 
 def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> None:

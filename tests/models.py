@@ -11,6 +11,11 @@ Nothing is downloaded: a Llama is made from a ``LlamaConfig`` with random weight
     load_llama_dense(path, dtype)       what a LoRA user loads
     lora_config(**overrides)            r=16, alpha=32, the seven Llama projections
     random_token_dataset(...)           a list of {"input_ids", "attention_mask", "labels"} dicts
+
+Models are loaded onto ``DEVICE`` by default: the GPU when there is one (bitsandbytes quantizes on
+the GPU, the kernels run compiled), else the CPU (the kernels run in Triton's interpreter). Random
+values (checkpoint weights, LoRA B, tokens) are always drawn on the CPU, so a seed gives the same
+model and data on either machine.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ import tempfile
 from typing import Optional
 
 import torch
+
+# the same rule as helpers.DEVICE; not imported from there because benchmarks/bench_train.py loads
+# this file by path, without tests/ on sys.path
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,19 +79,31 @@ def bnb_4bit_config(quant_type: str = "nf4", double_quant: bool = True, compute_
     )
 
 
-def load_llama_4bit(path: str, device: str = "cpu", **bnb_kwargs):
-    """Load a checkpoint the way a QLoRA user does (NF4 + double quant + bf16 compute by default)."""
+def _device_map_target(device: str):
+    """What goes into ``device_map={"": ...}``: a bare "cuda" becomes the current GPU's index, the form
+    transformers and accelerate document for a 4-bit model (accelerate's Trainer check compares the
+    model's device with the training device by index)."""
+    if str(device) == "cuda":
+        return torch.cuda.current_device()
+    return str(device)
+
+
+def load_llama_4bit(path: str, device: Optional[str] = None, **bnb_kwargs):
+    """Load a checkpoint the way a QLoRA user does (NF4 + double quant + bf16 compute by default),
+    onto ``device`` (default ``DEVICE``); bitsandbytes quantizes the weights there while loading."""
     from transformers import LlamaForCausalLM
 
+    device = DEVICE if device is None else device
     return LlamaForCausalLM.from_pretrained(
-        path, quantization_config=bnb_4bit_config(**bnb_kwargs), device_map={"": device}, dtype=torch.bfloat16
+        path, quantization_config=bnb_4bit_config(**bnb_kwargs), device_map={"": _device_map_target(device)},
+        dtype=torch.bfloat16,
     )
 
 
-def load_llama_dense(path: str, dtype=torch.bfloat16, device: str = "cpu"):
+def load_llama_dense(path: str, dtype=torch.bfloat16, device: Optional[str] = None):
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(DEVICE if device is None else device)
 
 
 def lora_config(**overrides):
@@ -93,12 +115,13 @@ def lora_config(**overrides):
 
 
 def randomize_lora_B(model, seed: int = 0, std: float = 0.02):
-    """PEFT initializes B = 0, which makes the LoRA term vanish; give it values so tests see it."""
+    """PEFT initializes B = 0, which makes the LoRA term vanish; give it values so tests see it.
+    The values are drawn on the CPU (the same on every machine) and copied to B's device."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(device=p.device, dtype=p.dtype))
     return model
 
 

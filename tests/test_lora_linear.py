@@ -96,7 +96,7 @@ def test_shapes(K, N, strategy):
     _case(19, K, N, 8, strategy=strategy)
 
 
-@pytest.mark.parametrize("r", [1, 8, 16, 64])
+@pytest.mark.parametrize("r", [1, 8, 16, 64, 100])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_ranks_and_scaling(r, rslora):
     _case(23, BASE["K"], BASE["N"], r, rslora=rslora)
@@ -180,7 +180,46 @@ def test_nothing_weight_sized_is_saved(strategy):
     assert saved, "the op saved nothing: the hook did not see the autograd Function"
     big = [s for s in saved if s[1].is_floating_point and math.prod(s[0]) >= N * K]
     assert not big, f"tensors of weight size saved for backward: {big}"
+    # what the Function keeps as plain attributes of its context (the hook above does not see those)
+    node = y.grad_fn
+    while node is not None and "LoRALinear" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert node is not None, "the fused op's autograd node was not found"
+    kept = []
+    for value in vars(node).values():
+        for t in (value.packed, value.code, value.absmax) if hasattr(value, "packed") else (value,):
+            if isinstance(t, torch.Tensor):
+                kept.append(t)
+    assert any(t.data_ptr() == packed.data_ptr() for t in kept), "the packed weight is not referenced as is"
+    big = [(tuple(t.shape), t.dtype) for t in kept if t.is_floating_point() and t.numel() >= N * K]
+    assert not big, f"weight-sized float tensors kept on the autograd context: {big}"
     y.sum().backward()
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+def test_wider_activations_round_like_bitsandbytes(strategy):
+    """fp32 activations, bf16 compute (after prepare_model_for_kbit_training): bitsandbytes returns
+    X·Wᵀ + bias rounded to bf16 and PEFT adds the fp32 LoRA term to that. Both strategies must round
+    at the same place, so they agree with PEFT to fp32 precision nearly everywhere (one bf16 ulp where
+    a different summation order flips a rounding), not just to half a bf16 ulp."""
+    M, K, N, r, s = 37, 96, 80, 8, 2.0
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(M, K, device=DEVICE)
+    A = torch.randn(r, K, device=DEVICE) * 0.1
+    B = torch.randn(N, r, device=DEVICE) * 0.1
+    b = torch.randn(N, device=DEVICE).to(torch.bfloat16)
+    y = fastlora.lora_linear(x, packed, A, B, s, bias=b, quant_state=qs, compute_dtype=torch.bfloat16,
+                             strategy=strategy)
+    assert y.dtype == torch.float32
+    wd = bnbF.dequantize_4bit(packed, qs)
+    base = torch.nn.functional.linear(x.to(torch.bfloat16), wd, b).float()      # what bitsandbytes returns
+    y_peft = base + (x @ A.t()) @ B.t() * s
+    diff = (y - y_peft).abs()
+    ulp = torch.exp2(torch.floor(torch.log2(base.abs().clamp_min(1e-30))) - 7)   # bf16 spacing at |base|
+    tiny = 1e-5 * y_peft.abs().max().item()
+    assert (diff <= ulp + tiny).all(), f"differs from PEFT by more than one bf16 ulp: {diff.max().item():.3e}"
+    same = (diff <= tiny).float().mean().item()
+    assert same > 0.9, f"only {same:.0%} of outputs equal PEFT's to fp32 precision: rounding placed differently"
 
 
 def test_needs_input_grad_is_honoured():

@@ -5,6 +5,14 @@ against an fp64 reference of the same math must be within 2x the error of PEFT's
 forward (plain PyTorch / bitsandbytes in the same precision) plus a small atol. Every numeric test
 asserts that the fused op actually ran (report.fused_calls); every fallback test asserts the reason
 and that the result is PEFT's own, bit for bit.
+
+Models and inputs live on ``DEVICE``: on a GPU machine the layers are quantized by bitsandbytes on
+the GPU and the fused path runs the compiled kernels; without one everything is on the CPU and the
+kernels run in Triton's interpreter. Random values are drawn on the CPU and then moved (``rand``),
+so both machines see the same numbers. PEFT's side on CUDA is the same math as on the CPU:
+bitsandbytes 0.50 computes X·Wᵀ as dequantize + F.linear there because the toy layer's K = 80 is not
+a multiple of its blocksize 64 (its fused small-M 4-bit GEMM needs K % blocksize == 0), and 0.49's
+gemv kernel only takes single-token inputs, which no test here feeds.
 """
 
 from __future__ import annotations
@@ -19,13 +27,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 import fastlora
+from fastlora.kernels._interpreter import interpreter_active
 from fastlora.kernels.lora_matmul import dropout_keep_mask
-from fastlora.patch import FALLBACK_REASONS, SKIP_REASONS, is_patched
+from fastlora.patcher import FALLBACK_REASONS, SKIP_REASONS, is_patched
 
-from helpers import assert_within_rule
+from helpers import DEVICE, ON_GPU, assert_within_rule
 from models import randomize_lora_B
 
 K_IN, N_OUT = 80, 48  # K not a multiple of 64: 4-bit blocks straddle rows
+
+
+def rand(*shape, dtype=None, device=None):
+    """torch.randn drawn from the CPU generator (the same values on every machine), moved to DEVICE."""
+    t = torch.randn(*shape, dtype=torch.float64 if dtype == torch.float64 else None)
+    return t.to(device=device or DEVICE, dtype=dtype)
 
 
 class Toy(nn.Module):
@@ -44,7 +59,9 @@ class Toy(nn.Module):
 
 
 def make_base(kind, K=K_IN, N=N_OUT, bias=True, dtype=torch.bfloat16, compute_dtype=torch.bfloat16,
-              quant_type="nf4", double_quant=True, seed=0):
+              quant_type="nf4", double_quant=True, seed=0, device=None):
+    """The frozen base layer on ``device`` (default DEVICE), weights drawn on the CPU."""
+    device = device or DEVICE
     g = torch.Generator().manual_seed(seed)
     dense = nn.Linear(K, N, bias=bias)
     with torch.no_grad():
@@ -52,14 +69,15 @@ def make_base(kind, K=K_IN, N=N_OUT, bias=True, dtype=torch.bfloat16, compute_dt
         if bias:
             dense.bias.copy_(torch.randn(N, generator=g) * 0.1)
     if kind == "dense":
-        return dense.to(dtype).requires_grad_(False)
+        return dense.to(device=device, dtype=dtype).requires_grad_(False)
     q = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute_dtype, quant_type=quant_type,
                           compress_statistics=double_quant)
     q.load_state_dict(dense.state_dict())
-    return q.to("cpu")  # quantizes
+    return q.to(device)  # quantizes (bitsandbytes' Params4bit.to), on the GPU when device is cuda
 
 
 def make_model(kind="4bit", r=8, dropout=0.0, lora_kw=None, **base_kw):
+    """A PEFT LoRA model over one base layer (base_kw: make_base's, device included)."""
     toy = Toy(proj=make_base(kind, **base_kw))
     toy.is_loaded_in_4bit = kind == "4bit"
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=["proj"], **(lora_kw or {}))
@@ -110,7 +128,7 @@ def run(pm, x, dy, adapters, name="proj"):
 def check_against_peft(pm, ref, x, adapters, what, mask=None, p=0.0):
     """Patched pm vs PEFT (ref, never patched) vs fp64: output and every gradient, by the rule."""
     torch.manual_seed(123)
-    dy = torch.randn(*x.shape[:-1], N_OUT, dtype=torch.float64)
+    dy = rand(*x.shape[:-1], N_OUT, dtype=torch.float64)
     y, dx, g = run(pm, x, dy, adapters)
     y_l, dx_l, g_l = run(ref, x, dy, adapters)
     assert y.dtype == y_l.dtype, f"{what}: output dtype {y.dtype}, PEFT gives {y_l.dtype}"
@@ -155,25 +173,30 @@ def test_fused_matches_peft(case):
     pm = make_model(**kw)
     ref, report = patched_pair(pm)
     assert report.patched == ["base_model.model.proj"], report
-    x = torch.randn(3, 7, K_IN).to(x_dtype)  # M = 21 tokens
+    x = rand(3, 7, K_IN, dtype=x_dtype)  # M = 21 tokens
     check_against_peft(pm, ref, x, ["default"], case)
     assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, report.fallback_calls)
 
 
 @pytest.mark.parametrize("kind", ["4bit", "dense"])
 def test_fused_under_autocast(kind):
-    """CPU autocast bf16 over fp32 activations (Trainer bf16=True): bitsandbytes' and nn.Linear's
-    inner F.linear run in bf16; the result dtype is PEFT's (fp32 for 4-bit, bf16 for dense)."""
-    pm = make_model(kind, dtype=torch.float32, compute_dtype=torch.float32)
+    """Autocast bf16 on DEVICE over fp32 activations (what Trainer bf16=True does: CPU autocast on a
+    CPU, CUDA autocast on a GPU): bitsandbytes' and nn.Linear's inner F.linear run in bf16; the result
+    dtype is PEFT's (fp32 for 4-bit, bf16 for dense). Under CUDA autocast PEFT's 4-bit layer also
+    skips its cast of x to the adapters' dtype (torch.is_autocast_enabled() is CUDA's), so the GPU
+    run covers the patcher's other autocast branch."""
+    # bitsandbytes' compute dtype equal to the autocast dtype, as in the QLoRA recipe (bf16 compute,
+    # Trainer bf16=True); a different one falls back (test_fallback_autocast_other_compute_dtype)
+    pm = make_model(kind, dtype=torch.float32, compute_dtype=torch.bfloat16)
     ref, report = patched_pair(pm)
-    x = torch.randn(2, 9, K_IN)
+    x = rand(2, 9, K_IN)
     torch.manual_seed(5)
-    dy = torch.randn(2, 9, N_OUT, dtype=torch.float64)
+    dy = rand(2, 9, N_OUT, dtype=torch.float64)
     outs = []
     for model in (pm, ref):
         model.zero_grad(set_to_none=True)
         xg = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
             y = model(xg)
         y.backward(dy.to(y.dtype))
         la = layer_of(model)
@@ -189,17 +212,32 @@ def test_fused_under_autocast(kind):
         assert_within_rule(f"autocast {kind} {name}", outs[0][i], exact, outs[1][i])
 
 
+def test_fallback_autocast_other_compute_dtype():
+    """Autocast bf16 over a layer whose bitsandbytes compute dtype is fp32: bitsandbytes' CUDA path
+    then picks the dtype by batch size (its small-batch kernel ignores autocast), so the patcher
+    keeps PEFT's forward, with its reason, and the result is PEFT's bit for bit."""
+    pm = make_model("4bit", dtype=torch.float32, compute_dtype=torch.float32)
+    ref, report = patched_pair(pm)
+    x = rand(2, 9, K_IN)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = pm(x)
+        y_ref = ref(x)
+    assert report.fused_calls == 0 and report.fallback_calls == {"autocast_compute_dtype": 1}, report
+    assert torch.equal(y, y_ref)
+
+
 def test_dropout_uses_kernel_mask_in_training_only():
     """p is read from the dropout module at call time and applied only in training mode; the mask
-    is the kernel's counter-based one, drawn from torch's CPU generator (so it can be reproduced)."""
+    is the kernel's counter-based one, its seed drawn from the generator of x's device (the CPU's
+    or the GPU's: torch.manual_seed seeds both, so it can be reproduced on either machine)."""
     p = 0.25
     pm = make_model("4bit", dropout=p)
     ref, report = patched_pair(pm)
-    x = torch.randn(2, 5, K_IN)
+    x = rand(2, 5, K_IN)
     pm.train(), ref.train()
     torch.manual_seed(77)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # what lora_linear draws
-    mask = dropout_keep_mask(10, K_IN, p, seed, "cpu")
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=DEVICE)  # what lora_linear draws
+    mask = dropout_keep_mask(10, K_IN, p, seed, DEVICE)
     torch.manual_seed(77)
     y = pm(x)
     ye, _, _ = exact_forward(layer_of(pm), x, ["default"], mask=mask, p=p)
@@ -231,7 +269,7 @@ def test_reads_module_state_at_call_time():
         la.scaling["default"] = 0.37
         with torch.no_grad():
             la.lora_B["default"].weight.mul_(-3.0)
-    check_against_peft(pm, ref, torch.randn(4, K_IN), ["default"], "changed scaling and B")
+    check_against_peft(pm, ref, rand(4, K_IN), ["default"], "changed scaling and B")
     assert report.fused_calls == 1
 
 
@@ -240,7 +278,7 @@ def test_compute_dtype_set_from_first_input_like_bitsandbytes():
     pm = make_model("4bit", compute_dtype=None)
     ref, report = patched_pair(pm)
     assert layer_of(pm).base_layer.compute_type_is_set is False
-    check_against_peft(pm, ref, torch.randn(6, K_IN).bfloat16(), ["default"], "compute dtype from input")
+    check_against_peft(pm, ref, rand(6, K_IN, dtype=torch.bfloat16), ["default"], "compute dtype from input")
     for model in (pm, ref):
         base = layer_of(model).base_layer
         assert base.compute_type_is_set and base.compute_dtype == torch.bfloat16, base.compute_dtype
@@ -253,12 +291,12 @@ def test_two_active_adapters_sum_like_peft():
     randomize_lora_B(pm, seed=2, std=0.1)
     pm.base_model.set_adapter(["default", "other"])
     ref, report = patched_pair(pm)
-    check_against_peft(pm, ref, torch.randn(2, 6, K_IN), ["default", "other"], "two adapters")
+    check_against_peft(pm, ref, rand(2, 6, K_IN), ["default", "other"], "two adapters")
     assert report.fused_calls == 1 and not report.fallback_calls
     # set_adapter switches the fused layer to the other adapter's weights
     for model in (pm, ref):
         model.set_adapter("other")
-    check_against_peft(pm, ref, torch.randn(5, K_IN), ["other"], "set_adapter('other')")
+    check_against_peft(pm, ref, rand(5, K_IN), ["other"], "set_adapter('other')")
     assert report.fused_calls == 2
 
 
@@ -279,7 +317,7 @@ def assert_fallback(pm, ref, report, reason, call):
 def test_fallback_disable_adapter():
     pm = make_model("4bit")
     ref, report = patched_pair(pm)
-    x = torch.randn(3, K_IN)
+    x = rand(3, K_IN)
 
     def call(m):
         with m.disable_adapter():
@@ -294,7 +332,7 @@ def test_fallback_disable_adapter():
 def test_fallback_merged_then_unmerged(kind):
     pm = make_model(kind)
     ref, report = patched_pair(pm)
-    x = torch.randn(3, K_IN).to(torch.bfloat16 if kind == "dense" else torch.float32)
+    x = rand(3, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32)
     for m in (pm, ref):
         m.merge_adapter()
     assert_fallback(pm, ref, report, "merged", lambda m: m(x))
@@ -309,7 +347,7 @@ def test_fallback_mixed_batch_adapter_names():
     pm.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
     randomize_lora_B(pm, seed=3, std=0.1)
     ref, report = patched_pair(pm)
-    x = torch.randn(3, 2, K_IN)
+    x = rand(3, 2, K_IN)
     names = ["default", "other", "__base__"]
     pm.eval(), ref.eval()  # PEFT accepts adapter_names only in eval mode
     assert_fallback(pm, ref, report, "adapter_names", lambda m: m(x, adapter_names=names))
@@ -324,9 +362,10 @@ def test_dora_skipped_at_patch_time_and_falls_back_per_call(caplog):
     assert report.patched == [] and report.skipped["base_model.model.proj"].startswith("no_plain_adapter"), report
     assert "DoraLinearVariant" in report.skipped["base_model.model.proj"]
     assert any("no_plain_adapter" in r.message for r in caplog.records), caplog.text
-    x = torch.randn(4, K_IN)
-    y, dx, g = run(pm, x, torch.ones(4, N_OUT), ["default"])
-    y_r, dx_r, g_r = run(ref, x, torch.ones(4, N_OUT), ["default"])
+    x = rand(4, K_IN)
+    dy = torch.ones(4, N_OUT, device=DEVICE)
+    y, dx, g = run(pm, x, dy, ["default"])
+    y_r, dx_r, g_r = run(ref, x, dy, ["default"])
     assert torch.equal(y, y_r) and torch.equal(dx, dx_r) and torch.equal(g["default"][1], g_r["default"][1])
     # plain + DoRA adapters on one layer: patched; the DoRA adapter falls back when active
     pm = make_model("4bit")
@@ -351,7 +390,7 @@ def test_fallback_lora_bias_adapter_active():
     ref, report = patched_pair(pm)
     for m in (pm, ref):
         m.set_adapter("biased")
-    x = torch.randn(2, K_IN).bfloat16()
+    x = rand(2, K_IN, dtype=torch.bfloat16)
     assert_fallback(pm, ref, report, "lora_bias", lambda m: m(x))
 
 
@@ -361,10 +400,10 @@ def test_fallback_two_adapters_with_dropout_in_training():
     pm.base_model.set_adapter(["default", "other"])
     ref, report = patched_pair(pm)
     pm.train(), ref.train()
-    x = torch.randn(2, K_IN).bfloat16()
+    x = rand(2, K_IN, dtype=torch.bfloat16)
 
     def call(m):
-        torch.manual_seed(9)  # PEFT's nn.Dropout masks: the same draw in both
+        torch.manual_seed(9)  # PEFT's nn.Dropout masks (CPU or CUDA generator): the same draw in both
         return m(x)
 
     assert_fallback(pm, ref, report, "multiple_adapters_dropout", call)
@@ -379,7 +418,7 @@ def test_fallback_no_active_adapter_on_layer():
     assert sorted(report.patched) == ["base_model.model.head", "base_model.model.proj"]
     for m in (pm, ref):
         m.set_adapter("head_only")
-    x = torch.randn(3, K_IN).bfloat16()
+    x = rand(3, K_IN, dtype=torch.bfloat16)
     y, y_r = pm(x), ref(x)
     assert report.fallback_calls["no_active_adapter"] == 1 and report.fused_calls == 1, report
     # the head layer ran fused: within bf16 rounding of PEFT, not bit-identical in general
@@ -390,24 +429,38 @@ def test_fallback_base_requires_grad():
     pm = make_model("dense", lora_kw=dict(bias="all"))  # PEFT unfreezes the base biases
     ref, report = patched_pair(pm)
     assert layer_of(pm).base_layer.bias.requires_grad
-    x = torch.randn(2, K_IN).bfloat16()
+    x = rand(2, K_IN, dtype=torch.bfloat16)
     assert_fallback(pm, ref, report, "base_requires_grad", lambda m: m(x))
 
 
-def test_fallback_device_without_interpreter(monkeypatch):
-    pm = make_model("4bit")
-    ref, report = patched_pair(pm)
-    x = torch.randn(2, K_IN)
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU machine CPU tensors are the fallback case only without the interpreter")
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_fallback_device_without_interpreter(kind, monkeypatch):
+    """CPU tensors with Triton's interpreter off: the kernels cannot run there, PEFT's forward does.
+    The model and x are on the CPU on either machine and the interpreter is switched off (on a GPU
+    machine it is off already: conftest sets TRITON_INTERPRET only without CUDA; the patcher reads it
+    on every call). Then the same patched model where the kernels can run: on a GPU machine moved to
+    the GPU, on a CPU machine with the interpreter back on; it runs the fused op."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreter_active()
+    pm = make_model(kind, device="cpu")
+    ref, report = patched_pair(pm)
+    x = rand(2, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32, device="cpu")
     assert_fallback(pm, ref, report, "device", lambda m: m(x))
+    assert report.fallback_calls == {"device": 1}, dict(report.fallback_calls)
+    if ON_GPU:
+        pm.to(DEVICE)  # a 4-bit weight moves with its quant_state
+        x = x.to(DEVICE)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    y = pm(x)
+    assert report.fused_calls == 1 and report.fallback_calls == {"device": 1}, report
+    assert y.device == x.device and y.dtype == x.dtype
 
 
 def test_fallback_dtype_mismatch_raises_like_peft():
     pm = make_model("dense")  # bf16 weights
     ref, report = patched_pair(pm)
-    x = torch.randn(2, K_IN)  # fp32 into a bf16 nn.Linear: PEFT raises
+    x = rand(2, K_IN)  # fp32 into a bf16 nn.Linear: PEFT raises
     with pytest.raises(RuntimeError) as e_ref:
         ref(x)
     with pytest.raises(RuntimeError) as e:
@@ -417,12 +470,12 @@ def test_fallback_dtype_mismatch_raises_like_peft():
 
 
 def test_unsupported_layer_types_skipped():
-    toy = Toy(emb=nn.Embedding(16, K_IN), proj=make_base("dense", dtype=torch.float32))
+    toy = Toy(emb=nn.Embedding(16, K_IN).to(DEVICE), proj=make_base("dense", dtype=torch.float32))
     pm = get_peft_model(toy, LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "proj"]))
     report = fastlora.patch(pm)
     assert report.patched == ["base_model.model.proj"]
     assert report.skipped["base_model.model.emb"].startswith("unsupported_layer_type"), report.skipped
-    ids = torch.randint(0, 16, (2, 3))
+    ids = torch.randint(0, 16, (2, 3)).to(DEVICE)
     pm(ids).sum().backward()
     assert report.fused_calls == 1
 
@@ -445,7 +498,7 @@ def test_patch_twice_patches_nothing_new(caplog):
         second = fastlora.patch(pm)
     assert second.patched == [] and second.already_patched == first.patched == ["base_model.model.proj"]
     assert "already patched" in caplog.text, caplog.text
-    pm(torch.randn(2, K_IN))
+    pm(rand(2, K_IN))
     assert first.fused_calls == 1 and second.fused_calls == 0  # the layer still reports to its patcher
 
 
@@ -457,7 +510,7 @@ def test_unpatch_restores_bit_identical(kind):
     report = fastlora.patch(pm)
     layer = layer_of(pm)
     assert is_patched(layer) and "forward" in layer.__dict__
-    x = torch.randn(3, K_IN).to(torch.bfloat16 if kind == "dense" else torch.float32)
+    x = rand(3, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32)
     pm.train()
     pm(x).float().sum().backward()  # exercise the fused path before restoring
     assert report.fused_calls == 1
@@ -500,7 +553,7 @@ def test_save_reload_then_patch(tmp_path):
     pm = make_model("4bit")
     pm.save_pretrained(tmp_path / "adapter")
     report = fastlora.patch(pm)
-    x = torch.randn(2, 4, K_IN)
+    x = rand(2, 4, K_IN)
     y = pm(x)
     # reload the adapter onto a fresh base and patch again: the same fused result
     fresh = Toy(proj=make_base("4bit"))
@@ -526,5 +579,42 @@ def test_fallback_base_layer_hooks():
     ref, report = patched_pair(pm)
     for m in (pm, ref):
         layer_of(m).base_layer.register_forward_hook(lambda mod, inp, out: out * 2)
-    x = torch.randn(2, K_IN)
+    x = rand(2, K_IN)
     assert_fallback(pm, ref, report, "module_hooks", lambda m: m(x))
+
+
+def test_layer_with_replaced_forward_is_skipped():
+    """A layer whose forward something else already replaced on the instance is not patched: the
+    fused op would bypass that wrapper."""
+    pm = make_model("4bit")
+    layer = layer_of(pm)
+    calls = []
+    original = layer.forward
+
+    def wrapper(x, *args, **kwargs):
+        calls.append(1)
+        return original(x, *args, **kwargs)
+
+    layer.forward = wrapper
+    report = fastlora.patch(pm)
+    assert not report.patched and report.skipped["base_model.model.proj"].startswith("instance_forward:"), report
+    pm(rand(2, K_IN))
+    assert calls == [1] and layer.__dict__["forward"] is wrapper
+
+
+def test_unpatch_leaves_a_later_wrapper_in_place():
+    """A wrapper installed over the patched forward after patch() survives unpatch (with a warning),
+    and the layer keeps working through it."""
+    pm = make_model("4bit")
+    ref = copy.deepcopy(pm)
+    report = fastlora.patch(pm)
+    layer = layer_of(pm)
+    patched = layer.forward
+    layer.forward = lambda x, *a, **k: patched(x, *a, **k)
+    with pytest.warns(UserWarning, match="left 1 layer"):
+        restored = fastlora.unpatch(pm)
+    assert restored == [] and is_patched(layer)
+    x = rand(2, K_IN)
+    y = pm(x)
+    assert report.fused_calls == 1
+    assert_within_rule("wrapped Y", y, ref(x).double(), ref(x), atol=1e-2)

@@ -1,10 +1,13 @@
 """End to end: a tiny Llama trained with HF Trainer + PEFT LoRA, patched by fastlora vs not.
 
 The QLoRA recipe as a user runs it: save a random-weight Llama, load it 4-bit (NF4, double quant,
-bf16 compute), prepare_model_for_kbit_training, get_peft_model (r=16, alpha=32, the seven
-projections), Trainer with bf16 mixed precision (CPU autocast; TrainingArguments(bf16=True,
-use_cpu=True)), 10 steps on random tokens. The same for a dense bf16 model. The kernels run under
-TRITON_INTERPRET=1 on a CPU; every patched run asserts that all 14 LoRA layers ran the fused op.
+bf16 compute) onto ``DEVICE``, prepare_model_for_kbit_training, get_peft_model (r=16, alpha=32, the
+seven projections), Trainer with bf16 mixed precision, 10 steps on random tokens. The same for a
+dense bf16 model. On a GPU machine the model lives on the GPU (bitsandbytes quantizes there), the
+Trainer trains there (TrainingArguments(bf16=True, use_cpu=False): CUDA autocast) and the kernels
+run compiled; without a GPU everything is on the CPU (bf16=True, use_cpu=True: CPU autocast) and the
+kernels run under TRITON_INTERPRET=1. Every patched run asserts that all 14 LoRA layers ran the
+fused op, on either machine.
 
 Data: random tokens drawn from 16 of the 128 ids, so there is something to learn quickly (the loss
 falls from ~ln 128 toward ln 16) and "both learn" is a real check.
@@ -16,7 +19,9 @@ differences move the loss by a fraction of one bf16 ulp of the loss (the loss is
 ulp is 2⁻⁵ = 0.031): 2e-3 is 1/16 of that ulp. Measured on this model (CPU, interpreter): largest
 gap 3e-4 (4-bit) and 7e-4 (dense) over the 10 steps, while the loss moves by ~0.07 per step, so a
 lost gradient, a missing adapter term or dropout applied in the wrong mode, which bend the
-trajectory by whole steps, cannot pass.
+trajectory by whole steps, cannot pass. On a GPU the same math runs in the same dtypes (bf16
+products with fp32 accumulation in cuBLAS / bitsandbytes' CUDA dequantize + F.linear, fp32 LoRA
+terms in the fused op), so the gaps are of the same size and the same bounds apply.
 
 Runs are cached per (kind, dropout, patched) within the module: the checkpointing and generate
 tests reuse the 10-step runs (constant learning rate: the first steps of a 10-step run are a
@@ -32,8 +37,9 @@ import pytest
 import torch
 
 import fastlora
-from fastlora.patch import is_patched
+from fastlora.patcher import is_patched
 
+from helpers import DEVICE, ON_GPU
 from models import PROJECTIONS, cached_checkpoint, load_llama_4bit, load_llama_dense, lora_config, random_token_dataset
 
 STEPS = 10
@@ -54,7 +60,8 @@ def _trainer_args(out_dir, steps):
     return TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
-        bf16=True, use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+        # bf16 mixed precision on the device the model is on: CUDA autocast on a GPU, CPU autocast without
+        bf16=True, use_cpu=not ON_GPU, logging_steps=1, save_strategy="no", report_to=[], seed=0,
         data_seed=0, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
     )
 
@@ -71,18 +78,22 @@ def build(kind, dropout=0.0, gradient_checkpointing=None):
     torch.manual_seed(0)
     gc_kwargs = {"use_reentrant": gradient_checkpointing == "reentrant"}
     if kind == "4bit":
-        model = load_llama_4bit(path)
+        model = load_llama_4bit(path, device=DEVICE)  # bitsandbytes quantizes on DEVICE
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing is not None,
             gradient_checkpointing_kwargs=gc_kwargs)
     else:
-        model = load_llama_dense(path, dtype=torch.bfloat16)
+        model = load_llama_dense(path, dtype=torch.bfloat16, device=DEVICE)
         if gradient_checkpointing is not None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
     model.config.use_cache = False
     torch.manual_seed(0)  # the LoRA A init
-    return get_peft_model(model, lora_config(lora_dropout=dropout))
+    model = get_peft_model(model, lora_config(lora_dropout=dropout))
+    # everything on DEVICE: on a GPU machine a CPU tensor would send the patched layers to PEFT's forward
+    devices = {p.device.type for p in model.parameters()}
+    assert devices == {DEVICE}, f"{kind} model parameters on {devices}, expected {DEVICE}"
+    return model
 
 
 def train(model, out_dir, steps=STEPS):
@@ -168,13 +179,17 @@ def test_gradient_checkpointing_reproduces_dropout_mask(mode, tmp_root):
     # each layer runs twice per step: the forward, and the recomputation inside backward
     assert_all_fused(report, steps, per_step_calls=2)
     gaps = _gaps(losses, plain_losses)
+    # the same kernels on the same inputs, so the same losses on the CPU and on a GPU alike (the fused
+    # op, cuBLAS and the attention backward at 16 tokens have no run-to-run nondeterminism). A wrong
+    # recomputed mask (measured on the CPU with preserve_rng_state=False) moves the losses of steps 1
+    # and 2 by 7e-3 and 1e-2
     assert max(gaps) <= 1e-6, f"{mode}: checkpointed losses {losses} vs without checkpointing {plain_losses}"
 
 
 def test_eval_generate_merge_and_unload(tmp_root):
     _, report, model = run("4bit", 0.0, True, tmp_root)  # trained 10 steps, patched
     model.eval()
-    prompt = torch.randint(3, 19, (2, 5), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(3, 19, (2, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         before = report.fused_calls
         seq = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,

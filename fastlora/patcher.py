@@ -55,6 +55,8 @@ SKIP_REASONS: Dict[str, str] = {
     "unsupported_base_layer": "the base layer is not a plain nn.Linear / bitsandbytes Linear4bit",
     "fan_in_fan_out": "fan_in_fan_out=True (a transposed Conv1D-style base weight)",
     "no_plain_adapter": "every adapter of the layer is a LoRA variant (DoRA, ...) or has lora_bias",
+    "instance_forward": "the layer's forward was already replaced on the instance (a hook library or "
+                        "another patcher): the fused op would bypass that wrapper",
 }
 
 #: Reasons one call of a patched layer runs PEFT's own forward (keys of ``report.fallback_calls``).
@@ -75,8 +77,12 @@ FALLBACK_REASONS: Dict[str, str] = {
     "quant_state": "no usable bitsandbytes 4-bit quant_state (missing, unknown quant type or layout)",
     "packed_for_cpu": "bitsandbytes repacked the weight for its CPU inference kernel",
     "dtype": "dtypes PEFT would reject or promote differently (x vs weight, A vs B, autocast result)",
-    "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward hooks or its own forward "
-                    "(accelerate offload, user hooks): PEFT's forward runs them, the fused op would not",
+    "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward/backward hooks or its own "
+                    "forward, or global module hooks are registered (accelerate offload, user hooks): "
+                    "PEFT's forward runs them, the fused op would not",
+    "autocast_compute_dtype": "autocast is on with a dtype other than bitsandbytes' compute_dtype: "
+                              "bitsandbytes then picks the dtype by batch size (its small-batch kernel "
+                              "ignores autocast), which the fused op does not reproduce",
 }
 
 
@@ -121,15 +127,32 @@ class PatchReport:
 
 
 class _LayerPatch:
-    """Per-layer record kept on the module instance: the forward to restore, the report, the name."""
+    """Per-layer record kept on the module instance: the report, the name, the kind, and the last
+    Packed4bit view of the layer's weight (see :meth:`packed_for`)."""
 
-    __slots__ = ("prev_forward", "report", "name", "kind")
+    __slots__ = ("report", "name", "kind", "packed_key", "packed")
 
-    def __init__(self, prev_forward, report, name, kind):
-        self.prev_forward = prev_forward  # an instance-level forward that was there before, or None
+    def __init__(self, report, name, kind):
         self.report = report
         self.name = name
         self.kind = kind
+        self.packed_key = None  # identity of (weight storage, quant_state, its tensors) behind .packed
+        self.packed = None
+
+    def packed_for(self, weight, qs):
+        """The Packed4bit for (weight, quant_state) as they are now. Rebuilt whenever the weight's
+        storage, the quant_state or any of its tensors is another object than last call: reading at
+        call time without re-validating the same objects on every call."""
+        state2 = getattr(qs, "state2", None)
+        key = (weight, weight.data_ptr(), qs, qs.absmax, qs.absmax.data_ptr(), getattr(qs, "code", None),
+               getattr(qs, "offset", None), state2, getattr(state2, "absmax", None), qs.quant_type,
+               qs.blocksize, tuple(qs.shape))
+        old = self.packed_key
+        if old is None or len(old) != len(key) or not all(a is b or (type(a) in (int, str, tuple) and a == b)
+                                                          for a, b in zip(old, key)):
+            self.packed = from_bnb(weight, qs)
+            self.packed_key = key
+        return self.packed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,10 +231,18 @@ def _autocast_dtype(device_type: str):
 
 
 def _has_hooks(module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
-def _plan(layer, kind, x, args, kwargs):
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
+
+
+def _plan(layer, st, x, args, kwargs):
     """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
     if kwargs.get("adapter_names") is not None:
         return "adapter_names"
@@ -249,7 +280,7 @@ def _plan(layer, kind, x, args, kwargs):
         return "multiple_adapters_dropout"
 
     base = layer.base_layer
-    if _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])
+    if _global_hooks() or _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])
                                or _has_hooks(layer.lora_dropout[a]) for a in adapters):
         return "module_hooks"
     weight, bias = base.weight, base.bias
@@ -267,14 +298,14 @@ def _plan(layer, kind, x, args, kwargs):
     if not getattr(layer, "cast_input_dtype_enabled", True) and ac is None and x.dtype != lora_dtype:
         return "dtype"  # PEFT would feed x uncast to lora_A and F.linear would raise
 
-    if kind == "4bit":
+    if st.kind == "4bit":
         qs = get_quant_state(base)
         if qs is None:
             return "quant_state"
         if getattr(qs, "packing_format_for_cpu", False):
             return "packed_for_cpu"
         try:
-            w = from_bnb(weight, qs)
+            w = st.packed_for(weight, qs)
         except (TypeError, ValueError):
             return "quant_state"
         # PEFT adds the LoRA term to bitsandbytes' result (x's dtype). Only with CUDA autocast
@@ -293,6 +324,8 @@ def _plan(layer, kind, x, args, kwargs):
         bnb_dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
         if bnb_dtype not in _FLOATS:
             return "dtype"
+        if ac is not None and ac != bnb_dtype:
+            return "autocast_compute_dtype"
         # bitsandbytes' forward also converts base.bias.data to its compute dtype in place; the
         # values it then adds are the same as the cast below, so the module is left untouched
         # (patched or not, a state_dict stays what the user loaded).
@@ -327,15 +360,13 @@ def _plan(layer, kind, x, args, kwargs):
 
 
 def _call_prev(layer, st, x, args, kwargs):
-    if st.prev_forward is not None:
-        return st.prev_forward(x, *args, **kwargs)
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
 def _patched_forward(self, x, *args, **kwargs):
     """The forward a patched layer runs: the fused op when it gives PEFT's result, else PEFT's."""
     st = self.__dict__[_STATE_ATTR]
-    plan = _plan(self, st.kind, x, args, kwargs)
+    plan = _plan(self, st, x, args, kwargs)
     if isinstance(plan, str):
         st.report._fallback(st.name, plan)
         return _call_prev(self, st, x, args, kwargs)
@@ -395,7 +426,11 @@ def patch(model: nn.Module) -> PatchReport:
             report.skipped[name] = reason
             continue
         prev = layer.__dict__.get("forward")
-        layer.__dict__[_STATE_ATTR] = _LayerPatch(prev, report, name, kind)
+        if prev is not None:
+            what = getattr(prev, "__qualname__", type(prev).__name__)
+            report.skipped[name] = f"instance_forward: {what}"
+            continue
+        layer.__dict__[_STATE_ATTR] = _LayerPatch(report, name, kind)
         # an instance attribute shadows the class's forward for this module only
         layer.__dict__["forward"] = _patched_forward.__get__(layer, type(layer))
         report.patched.append(name)
@@ -424,17 +459,24 @@ def unpatch(model: nn.Module) -> List[str]:
     """Restore PEFT's forward on every layer :func:`patch` changed. Returns the restored names."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastlora.unpatch takes an nn.Module, got {type(model).__module__}.{type(model).__name__}")
-    restored = []
+    restored, wrapped = [], []
     for name, layer in model.named_modules():
-        st = layer.__dict__.pop(_STATE_ATTR, None)
-        if st is None:
+        if _STATE_ATTR not in layer.__dict__:
             continue
-        if st.prev_forward is None:
-            layer.__dict__.pop("forward", None)
-        else:
-            layer.__dict__["forward"] = st.prev_forward
+        if getattr(layer.__dict__.get("forward"), "__func__", None) is not _patched_forward:
+            # something wrapped the patched forward after patch(): removing it would drop that
+            # wrapper too, so the layer stays patched (and keeps working)
+            wrapped.append(name)
+            continue
+        del layer.__dict__["forward"]
+        del layer.__dict__[_STATE_ATTR]
         restored.append(name)
     logger.info("unpatched %d LoRA layers", len(restored))
+    if wrapped:
+        msg = (f"left {len(wrapped)} layer(s) patched because their forward was wrapped after "
+               f"fastlora.patch (e.g. {wrapped[0]}); remove that wrapper first")
+        logger.warning(msg)
+        warnings.warn("fastlora " + msg, UserWarning, stacklevel=2)
     return restored
 
 
