@@ -8,24 +8,30 @@ Providers (all read the same W bytes, A, B, bias, X and dY):
     dequant-cublas    bitsandbytes dequantize_4bit -> torch.matmul -> LoRA via addmm_ (adapters cast to
                       bf16), a small autograd Function that dequantizes again in backward: the
                       strategy of the best-known peer (DESIGN §4), written here from that description
-    fastlora-fused    fastlora.lora_linear(strategy="fused")
-    fastlora-dequant  fastlora.lora_linear(strategy="dequant")
-    fastlora-auto     fastlora.lora_linear(strategy="auto"); the pick of fastlora.choose_strategy is recorded
+    fastlora-fused    fastlora.lora_linear(strategy="fused")   on a Packed4bit built once, outside the
+    fastlora-dequant  fastlora.lora_linear(strategy="dequant") timed call (fastlora.format.from_bnb), so
+    fastlora-auto     fastlora.lora_linear(strategy="auto")    the op itself is timed
+    fastlora-patched  the same PEFT model as ``peft`` after ``fastlora.patch``: what a user runs, including
+                      the patcher's per-call decision (reading the module, from_bnb) and its auto pick
     bf16-floor        the bare frozen GEMMs on an already dequantized bf16 W: X·Wᵀ (forward), dY·W
                       (backward); no LoRA, no dequant. What no 4-bit layer can beat at large M.
+
+Which strategy fastlora-auto and fastlora-patched really ran is not taken from the rule: their Y and dX
+are compared bit for bit with those of fastlora-fused and fastlora-dequant (dropout off), and the
+record says which one they equal (``strategy_observed``), next to the rule's pick (``auto_strategy``).
 
 Modes: forward (building the autograd graph, as in training), backward (over a retained graph),
 forward+backward. FLOPs (stated in every record):
     frozen GEMMs   2·M·N·K per product (forward X·Wᵀ, backward dY·W; W is frozen: no dW)
     LoRA forward   2·M·r·(K + N)                    H = D(X)·Aᵀ, H·Bᵀ
     LoRA backward  4·M·r·(K + N)                    G = dY·B, G·A, dA = Gᵀ·D(X), dB = dYᵀ·H
-Minimum bytes moved (forward): N·K/2 (4-bit W) + N·K/64 (uint8 absmax) + 2·M·K (X) + 2·M·N (Y)
-+ 4·r·(K + N) (fp32 A, B); backward adds 2·M·N (dY) and replaces Y by dX (2·M·K).
+Minimum bytes moved, see ``min_bytes``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -62,9 +68,13 @@ FAMILIES = {
     ],
 }
 
-PROVIDERS = ("peft", "dequant-cublas", "fastlora-fused", "fastlora-dequant", "fastlora-auto", "bf16-floor")
+# the one list of providers and modes (report.py imports them from here)
+PROVIDERS = ("peft", "dequant-cublas", "fastlora-fused", "fastlora-dequant", "fastlora-auto", "fastlora-patched",
+             "bf16-floor")
 MODES = ("forward", "backward", "forward+backward")
-LORA_PROVIDERS = PROVIDERS[:-1]
+LORA_PROVIDERS = tuple(p for p in PROVIDERS if p != "bf16-floor")
+STRATEGIES = ("fused", "dequant")                    # what fastlora-auto / -patched can turn out to be
+GRADS = ("y", "dx", "da", "db")                      # what is compared with PEFT
 
 FULL_M = (256, 512, 1024, 2048, 4096, 8192, 16384)
 SMOKE_M = (16, 37)
@@ -74,12 +84,24 @@ FORMULAS = {
     "flops.forward": "2*M*N*K + 2*M*r*(K+N)  (bf16-floor: 2*M*N*K)",
     "flops.backward": "2*M*N*K + 4*M*r*(K+N)  (bf16-floor: 2*M*N*K)",
     "flops.forward+backward": "4*M*N*K + 6*M*r*(K+N)  (bf16-floor: 4*M*N*K)",
-    "bytes.forward": "N*K/2 + N*K/64 + 2*M*K + 2*M*N + 4*r*(K+N)  (bf16-floor: 2*N*K + 2*M*K + 2*M*N)",
-    "bytes.backward": "N*K/2 + N*K/64 + 2*M*N + 2*M*K + 4*r*(K+N)  (bf16-floor: 2*N*K + 2*M*N + 2*M*K)",
+    "bytes.forward": "N*K/2 + N*K/blocksize + 2*M*K + 2*M*N + 4*r*(K+N) + 4*M*r  "
+                     "(W 4-bit + uint8 absmax, X, Y, fp32 A and B, fp32 H written for backward; "
+                     "bf16-floor: 2*N*K + 2*M*K + 2*M*N)",
+    "bytes.backward": "N*K/2 + N*K/blocksize + 2*M*N + 2*M*K + 2*M*K + 4*M*r + 4*r*(K+N) + 4*r*(K+N)  "
+                      "(W, dY, dX written, X re-read for dA, H read for dB, A and B read, dA and dB written; "
+                      "bf16-floor: 2*N*K + 2*M*N + 2*M*K)",
     "bytes.forward+backward": "sum of the two",
     "tflops": "flops / (median_ms * 1e-3) / 1e12",
     "gbps": "bytes / (median_ms * 1e-3) / 1e9",
-    "max_abs_diff_vs_peft": "max |Y - Y_peft| of one forward with dropout off (eval), same inputs",
+    "max_abs_diff_vs_peft": "max |Y - Y_peft|, one forward with dropout off (eval), same inputs",
+    "max_abs_diff_vs_peft_dx": "max |dX - dX_peft| of backward(dY) after that forward",
+    "max_abs_diff_vs_peft_da": "max |dA - dA_peft| (lora_A.weight.grad)",
+    "max_abs_diff_vs_peft_db": "max |dB - dB_peft| (lora_B.weight.grad)",
+    "ref_absmax*": "max |.| of PEFT's Y, dX, dA, dB",
+    "matches_peft": "every max_abs_diff_vs_peft* <= 2 * eps(bfloat16) * ref_absmax* (one bf16 rounding of the "
+                    "largest value: X, W and dY are bf16, and dequant-cublas computes its LoRA terms in bf16)",
+    "strategy_observed": "the strategy whose Y and dX (dropout off) equal this provider's bit for bit: "
+                         "fused | dequant | indistinguishable (both do) | neither",
 }
 
 
@@ -90,11 +112,31 @@ def flops(mode: str, M: int, N: int, K: int, r: int, lora: bool) -> int:
     return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
 
 
-def min_bytes(mode: str, M: int, N: int, K: int, r: int, lora: bool) -> int:
-    w = (N * K // 2 + N * K // 64 + 4 * r * (K + N)) if lora else 2 * N * K
-    fwd = w + 2 * M * K + 2 * M * N
-    bwd = w + 2 * M * N + 2 * M * K
+def min_bytes(mode: str, M: int, N: int, K: int, r: int, lora: bool, blocksize: int = 64) -> int:
+    """Bytes a provider must at least move (double-quant absmax: one uint8 per block; the second level,
+    N·K/blocksize/256 fp32, is left out):
+
+    forward   W4 + X + Y + A,B + H     = N·K/2 + N·K/blocksize + 2·M·K + 2·M·N + 4·r·(K+N) + 4·M·r
+    backward  W4 + dY + dX + X + H + A,B + dA,dB
+                                       = N·K/2 + N·K/blocksize + 2·M·N + 2·M·K + 2·M·K + 4·M·r + 8·r·(K+N)
+    (X is read again for dA = s·Gᵀ·D(X); H = D(X)·Aᵀ, fp32, is written by the forward and read for
+    dB = s·dYᵀ·H.) bf16-floor: forward 2·N·K + 2·M·K + 2·M·N, backward 2·N·K + 2·M·N + 2·M·K.
+    """
+    if not lora:
+        fwd = 2 * N * K + 2 * M * K + 2 * M * N
+        bwd = 2 * N * K + 2 * M * N + 2 * M * K
+    else:
+        w4 = N * K // 2 + N * K // blocksize
+        ab = 4 * r * (K + N)
+        h = 4 * M * r
+        fwd = w4 + 2 * M * K + 2 * M * N + ab + h
+        bwd = w4 + 2 * M * N + 2 * M * K + 2 * M * K + h + ab + ab
     return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+
+def tolerance(ref_absmax: float) -> float:
+    """The agreement every LoRA provider must reach with PEFT (see FORMULAS['matches_peft'])."""
+    return 2 * torch.finfo(torch.bfloat16).eps * ref_absmax
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +181,8 @@ class Inputs:
         import bitsandbytes as bnb
         from peft import LoraConfig, get_peft_model
 
+        from fastlora.format import from_bnb
+
         g = torch.Generator(device=device).manual_seed(seed)
 
         def randn(*shape, std=1.0):
@@ -167,8 +211,12 @@ class Inputs:
         with torch.no_grad():
             self.A.copy_(randn(r, K, std=K ** -0.5))
             self.B.copy_(randn(N, r, std=r ** -0.5))
-        self.x = randn(M, K).to(torch.bfloat16).requires_grad_(True)
-        self.dy = randn(M, N, std=0.1).to(torch.bfloat16)
+        self.compute_dtype = self.layer.base_layer.compute_dtype
+        self.x = randn(M, K).to(self.compute_dtype).requires_grad_(True)
+        self.dy = randn(M, N, std=0.1).to(self.compute_dtype)
+        # fastlora's view of W, built once here so the fastlora-* providers time the op, not from_bnb's
+        # checks (and its read of the double-quant offset) on every call
+        self.packed = from_bnb(self.weight, self.quant_state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,54 +271,112 @@ class DequantCublasLoRA(torch.autograd.Function):
         return dx, dxd, dA, dB, None, None, None, None
 
 
-def make_forward(provider: str, inp: Inputs, case: Case, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A zero-argument callable computing the provider's Y (with its autograd graph)."""
+def make_forward(provider: str, inp: Inputs, dropout: float) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable computing the provider's Y (with its autograd graph). ``dropout`` is
+    the LoRA dropout of the providers that take it as an argument; peft and fastlora-patched follow
+    the PEFT module's (train: p, eval: off). fastlora-patched must run inside ``provider_state``."""
     import fastlora
 
-    if provider == "peft":
+    if provider in ("peft", "fastlora-patched"):
         return lambda: inp.peft_model(inp.x)
     if provider == "dequant-cublas":
         def fwd():
-            xd = torch.nn.functional.dropout(inp.x, case.dropout, training=True) if case.dropout > 0 else None
+            xd = torch.nn.functional.dropout(inp.x, dropout, training=True) if dropout > 0 else None
             return DequantCublasLoRA.apply(inp.x, xd, inp.A, inp.B, inp.weight, inp.quant_state, inp.bias,
                                            inp.scaling)
         return fwd
-    if provider.startswith("fastlora-"):
+    if provider in ("fastlora-fused", "fastlora-dequant", "fastlora-auto"):
         strategy = provider.split("-", 1)[1]
-        return lambda: fastlora.lora_linear(inp.x, inp.weight, inp.A, inp.B, inp.scaling, bias=inp.bias,
-                                            quant_state=inp.quant_state, dropout_p=case.dropout,
-                                            compute_dtype=torch.bfloat16, strategy=strategy)
+        return lambda: fastlora.lora_linear(inp.x, inp.packed, inp.A, inp.B, inp.scaling, bias=inp.bias,
+                                            dropout_p=dropout, compute_dtype=inp.compute_dtype, strategy=strategy)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
-def _check_against_peft(inp: Inputs, case: Case, device: torch.device, providers) -> dict:
-    """max |Y - Y_peft| of each LoRA provider, one forward with dropout off (module in eval)."""
-    diffs = {}
-    saved = case.dropout
-    inp.peft_model.eval()
-    case.dropout = 0.0
+@contextlib.contextmanager
+def provider_state(provider: str, inp: Inputs):
+    """fastlora-patched runs the PEFT model with ``fastlora.patch`` applied (yields its report, whose live
+    counters say how many calls ran the fused op); every other provider runs the model as loaded."""
+    if provider != "fastlora-patched":
+        yield None
+        return
+    import fastlora
+
+    rep = fastlora.patch(inp.peft_model)
     try:
-        with torch.no_grad():
-            ref = inp.peft_model(inp.x).float()
-            for p in providers:
-                if p in LORA_PROVIDERS and p != "peft":
-                    y = make_forward(p, inp, case, device)().float()
-                    diffs[p] = float((y - ref).abs().max())
-            diffs["peft"] = 0.0
-            diffs["_ref_absmax"] = float(ref.abs().max())
+        yield rep
     finally:
-        case.dropout = saved
+        fastlora.unpatch(inp.peft_model)
+
+
+def _run_once(fwd: Callable[[], torch.Tensor], inp: Inputs) -> dict:
+    """Y, dX, dA, dB of one forward and backward(dY); the leaves' .grad are left cleared."""
+    leaves = (inp.x, inp.A, inp.B)
+    for t in leaves:
+        t.grad = None
+    y = fwd()
+    y.backward(inp.dy)
+    out = {"y": y.detach(), "dx": inp.x.grad, "da": inp.A.grad, "db": inp.B.grad}
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def _observed(out: dict, by_strategy: dict) -> str:
+    """Which explicit strategy produced exactly these Y and dX (the strategy changes only the frozen
+    products, so dA and dB cannot tell)."""
+    same = [s for s, o in by_strategy.items() if all(torch.equal(out[k], o[k]) for k in ("y", "dx"))]
+    if len(same) == 1:
+        return same[0]
+    return "indistinguishable" if same else "neither"
+
+
+def _name(metric: str, grad: str) -> str:
+    """'max_abs_diff_vs_peft' for Y, 'max_abs_diff_vs_peft_dx' for dX, ..."""
+    return metric if grad == "y" else f"{metric}_{grad}"
+
+
+def _check_against_peft(inp: Inputs, providers) -> dict:
+    """{provider: {'max_abs_diff_vs_peft[_dx|_da|_db]': .., 'matches_peft': .., 'strategy_observed': ..}}
+    and '_ref': PEFT's absmax per output. One forward + backward(dY) per provider with dropout off
+    (the PEFT module in eval, dropout_p=0), the same X, dY, W, A, B."""
+    res = {}
+    inp.peft_model.eval()
+    try:
+        ref = {k: v.float() for k, v in _run_once(make_forward("peft", inp, 0.0), inp).items()}
+        res["_ref"] = {_name("ref_absmax", k): float(v.abs().max()) for k, v in ref.items()}
+        # the explicit strategies' outputs, kept for telling what auto / patched ran
+        by_strategy = {}
+        if {"fastlora-auto", "fastlora-patched"} & set(providers):
+            for s in STRATEGIES:
+                by_strategy[s] = _run_once(make_forward("fastlora-" + s, inp, 0.0), inp)
+        for p in providers:
+            if p not in LORA_PROVIDERS or p == "peft":
+                continue
+            strategy = p.split("-", 1)[1]
+            if p.startswith("fastlora-") and strategy in by_strategy:
+                out = by_strategy[strategy]                     # computed just above
+            else:
+                with provider_state(p, inp):
+                    out = _run_once(make_forward(p, inp, 0.0), inp)
+            m = {_name("max_abs_diff_vs_peft", k): float((out[k].float() - ref[k]).abs().max()) for k in GRADS}
+            m["matches_peft"] = all(m[_name("max_abs_diff_vs_peft", k)]
+                                    <= tolerance(res["_ref"][_name("ref_absmax", k)]) for k in GRADS)
+            if p in ("fastlora-auto", "fastlora-patched"):
+                m["strategy_observed"] = _observed(out, by_strategy)
+            res[p] = m
+            del out
+    finally:
         inp.peft_model.train()
-    return diffs
+    return res
 
 
-def _mode_fns(provider: str, inp: Inputs, case: Case, device: torch.device):
+def _mode_fns(provider: str, inp: Inputs, case: Case):
     """{mode: (callable, grad_to_none)} for one provider."""
     grads = [inp.x, inp.A, inp.B]
     if provider == "bf16-floor":
         import bitsandbytes.functional as F
 
-        w = F.dequantize_4bit(inp.weight, inp.quant_state).to(torch.bfloat16)   # [N, K], once
+        w = F.dequantize_4bit(inp.weight, inp.quant_state).to(inp.compute_dtype)   # [N, K], once
         x = inp.x.detach()
 
         def both():
@@ -280,7 +386,7 @@ def _mode_fns(provider: str, inp: Inputs, case: Case, device: torch.device):
         return {"forward": (lambda: torch.matmul(x, w.t()), None),
                 "backward": (lambda: torch.matmul(inp.dy, w), None),
                 "forward+backward": (both, None)}, [w]
-    fwd = make_forward(provider, inp, case, device)
+    fwd = make_forward(provider, inp, case.dropout)
     retained = {}
 
     def backward():
@@ -308,69 +414,81 @@ def cases(families, Ms, ranks, dropouts):
                         yield Case(fam, proj, K, N, bias, M, r, p)
 
 
+def _patch_counts(rep) -> dict:
+    return {"patch_patched_layers": len(rep.patched), "patch_fused_calls": int(rep.fused_calls),
+            "patch_fallback_calls": {str(k): int(v) for k, v in rep.fallback_calls.items()}}
+
+
 def run_case(case: Case, providers, modes, device: torch.device, smoke: bool, writer: harness.RecordWriter,
              timing: dict) -> None:
     import fastlora
 
     inp = Inputs(case, device)
-    auto_pick = fastlora.choose_strategy(case.M, case.N, case.K, True, device)
     try:
-        diffs = _check_against_peft(inp, case, device, providers)
+        checks = _check_against_peft(inp, providers)
     except Exception as exc:  # a broken provider must not hide the others' numbers
-        diffs = {"_error": f"{type(exc).__name__}: {exc}"}
+        checks = {"_error": f"{type(exc).__name__}: {exc}"}
+    weight = harness.describe_4bit(inp.layer.base_layer)
+    weight["quantized_by"] = "bitsandbytes Params4bit on " + device.type
     base_cfg = {"family": case.family, "proj": case.proj, "M": case.M, "N": case.N, "K": case.K, "r": case.r,
                 "lora_alpha": case.alpha, "scaling": inp.scaling, "dropout": case.dropout, "bias": case.bias,
-                "x_dtype": "bfloat16", "adapter_dtype": str(inp.A.dtype).replace("torch.", ""),
-                "weight": {"quant_type": "nf4", "double_quant": True, "blocksize": 64,
-                           "compute_dtype": "bfloat16", "quantized_by": "bitsandbytes Params4bit on " + device.type},
-                "timing": timing, "auto_strategy": auto_pick,
+                "x_dtype": harness.dtype_name(inp.x.dtype), "adapter_dtype": harness.dtype_name(inp.A.dtype),
+                "weight": weight, "timing": timing,
+                # the rule's pick for this call (lora_linear sees M = x's rows, a Packed4bit W)
+                "auto_strategy": fastlora.choose_strategy(case.M, case.N, case.K, True, device),
                 "peft_layer": f"{type(inp.layer).__module__}.{type(inp.layer).__name__}"}
     for provider in providers:
         lora = provider != "bf16-floor"
-        try:
-            fns, keep = _mode_fns(provider, inp, case, device)
-        except Exception as exc:
-            for mode in modes:
-                writer.write(harness.make_record(
-                    "layer", {**base_cfg, "provider": provider, "mode": mode}, {}, FORMULAS, device=device,
-                    smoke=smoke, status="error", error=f"{type(exc).__name__}: {exc}"))
-            continue
-        for mode in modes:
-            fn, grads = fns[mode]
-            cfg = {**base_cfg, "provider": provider, "mode": mode}
-            if provider == "fastlora-auto":
-                cfg["strategy"] = auto_pick
-            elif provider.startswith("fastlora-"):
-                cfg["strategy"] = provider.split("-", 1)[1]
+        check = checks.get(provider, {})
+        with contextlib.ExitStack() as stack:
             try:
-                t = harness.bench(fn, device, grad_to_none=grads, **timing)
-                mem = harness.peak_memory(fn, device)
+                rep = stack.enter_context(provider_state(provider, inp))
+                fns, keep = _mode_fns(provider, inp, case)
             except Exception as exc:
-                status = "oom" if harness.is_oom(exc) else "error"
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                del exc
-                harness.free_memory(device)
-                writer.write(harness.make_record("layer", cfg, {}, FORMULAS, device=device, smoke=smoke,
-                                                 status=status, error=msg))
-                harness.log(f"  {provider:17s} {mode:17s} {status}: {msg}")
+                for mode in modes:
+                    writer.write(harness.make_record(
+                        "layer", {**base_cfg, "provider": provider, "mode": mode}, {}, FORMULAS, device=device,
+                        smoke=smoke, status="error", error=f"{type(exc).__name__}: {exc}"))
                 continue
-            f = flops(mode, case.M, case.N, case.K, case.r, lora)
-            b = min_bytes(mode, case.M, case.N, case.K, case.r, lora)
-            metrics = {**t, **mem, "flops": f, "bytes": b,
-                       "tflops": f / (t["median_ms"] * 1e-3) / 1e12,
-                       "gbps": b / (t["median_ms"] * 1e-3) / 1e9,
-                       "max_abs_diff_vs_peft": diffs.get(provider) if lora else None,
-                       "ref_absmax": diffs.get("_ref_absmax")}
-            if "_error" in diffs:
-                metrics["check_error"] = diffs["_error"]
-            writer.write(harness.make_record("layer", cfg, metrics, FORMULAS, device=device, smoke=smoke))
-            harness.log(f"  {provider:17s} {mode:17s} {t['median_ms']:9.3f} ms  [{t['p20_ms']:.3f}, "
-                        f"{t['p80_ms']:.3f}]  {metrics['tflops']:.2f} TFLOP/s"
-                        + (f"  peak +{mem['peak_extra_bytes'] / 2**20:.0f} MiB" if mem["peak_bytes"] else ""))
-            for k in keep:  # drop a graph retained for the backward mode before the next mode
-                if isinstance(k, dict):
-                    k.clear()
-        del fns, keep
+            for mode in modes:
+                fn, grads = fns[mode]
+                cfg = {**base_cfg, "provider": provider, "mode": mode}
+                if provider.startswith("fastlora-"):
+                    cfg["strategy"] = provider.split("-", 1)[1] if provider != "fastlora-patched" else "auto"
+                    if "strategy_observed" in check:
+                        cfg["strategy_observed"] = check["strategy_observed"]
+                try:
+                    t = harness.bench(fn, device, grad_to_none=grads, **timing)
+                    mem = harness.peak_memory(fn, device)
+                except Exception as exc:
+                    status = "oom" if harness.is_oom(exc) else "error"
+                    msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    del exc
+                    harness.free_memory(device)
+                    writer.write(harness.make_record("layer", cfg, {}, FORMULAS, device=device, smoke=smoke,
+                                                     status=status, error=msg))
+                    harness.log(f"  {provider:17s} {mode:17s} {status}: {msg}")
+                    continue
+                f = flops(mode, case.M, case.N, case.K, case.r, lora)
+                b = min_bytes(mode, case.M, case.N, case.K, case.r, lora, blocksize=weight["blocksize"])
+                metrics = {**t, **mem, "flops": f, "bytes": b,
+                           "tflops": f / (t["median_ms"] * 1e-3) / 1e12,
+                           "gbps": b / (t["median_ms"] * 1e-3) / 1e9}
+                if lora and provider != "peft":
+                    metrics.update({k: v for k, v in check.items() if k != "strategy_observed"})
+                    metrics.update(checks.get("_ref", {}))
+                if rep is not None:
+                    metrics.update(_patch_counts(rep))   # the calls of this provider so far: warm-up, reps, memory
+                if "_error" in checks:
+                    metrics["check_error"] = checks["_error"]
+                writer.write(harness.make_record("layer", cfg, metrics, FORMULAS, device=device, smoke=smoke))
+                harness.log(f"  {provider:17s} {mode:17s} {t['median_ms']:9.3f} ms  [{t['p20_ms']:.3f}, "
+                            f"{t['p80_ms']:.3f}]  {metrics['tflops']:.2f} TFLOP/s"
+                            + (f"  peak +{mem['peak_extra_bytes'] / 2**20:.0f} MiB" if mem["peak_bytes"] else ""))
+                for k in keep:  # drop a graph retained for the backward mode before the next mode
+                    if isinstance(k, dict):
+                        k.clear()
+            del fns, keep
     del inp
     harness.free_memory(device)
 

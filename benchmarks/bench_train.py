@@ -8,7 +8,10 @@ seven projections (q, k, v, o, gate, up, down), fp32 adapters as get_peft_model 
 Per model, at one batch x sequence:
     tokens/s   = batch · seq · steps / wall time of ``steps`` optimizer steps (after ``warmup`` steps)
     peak VRAM  = max_memory_allocated over the measured steps
-    each unpatched, then patched (``fastlora.patch``), then restored (``fastlora.unpatch``).
+    each variant, unpatched and patched (``fastlora.patch``), on a model loaded afresh from the same
+    checkpoint with the same seed (same quantized weights, same initial adapters: their sha256 is in
+    the record), a new AdamW and the same batch; the variants run in a random order, recorded
+    (``order``, ``position``, ``order_seed``), or in the one ``--order`` names.
 Longest trainable sequence at batch 1 under 16 GB and 24 GB: the allocator is capped with
 ``torch.cuda.set_per_process_memory_fraction(budget / total)`` (model weights, adapters and AdamW
 state count; the CUDA context does not), then doubling from ``--seq-start`` until a step runs out
@@ -18,6 +21,7 @@ of memory, then bisection down to ``--seq-granularity`` tokens. A probe is one f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -40,6 +44,7 @@ PRESETS = {
 }
 # per model: (batch, seq) of the throughput measurement
 THROUGHPUT_SHAPE = {"tiny": (1, 16), "llama-1b": (4, 1024), "llama3-8b": (2, 1024)}
+VARIANTS = ("unpatched", "patched")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
 MEMORY_BUDGETS_GB = (16, 24)
@@ -261,44 +266,78 @@ def _measure_variant(preset, trainer, cfg, args, device, writer, budget) -> None
         harness.log(f"  {preset} {variant:9s} {gb} GB: max seq {res['max_seq']} (first OOM {res['first_oom_seq']})")
 
 
+def _adapter_sha256(model) -> str:
+    """sha256 over the trainable parameters (name, dtype, bytes): equal for two variants exactly when
+    they start from the same adapters."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(str(p.dtype).encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_description(model) -> dict:
+    """The quantization and adapter dtype as loaded, read from the model's first 4-bit layer."""
+    import bitsandbytes as bnb
+
+    base = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    adapter = next(p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    w = harness.describe_4bit(base)
+    w.pop("shape"), w.pop("device")
+    return {"weight": w, "adapter_dtype": harness.dtype_name(adapter.dtype)}
+
+
+def variant_order(how: str, rng_seed: Optional[int]) -> tuple:
+    """The order the variants run in (each from a freshly loaded model, so the order only matters through
+    what the device carries over: clocks, allocator, caches); 'random' draws it from ``rng_seed``."""
+    if how == "random":
+        import random
+
+        return tuple(random.Random(rng_seed).sample(VARIANTS, len(VARIANTS)))
+    order = tuple(how.split(","))
+    if sorted(order) != sorted(VARIANTS):
+        raise SystemExit(f"--order must be 'random' or a permutation of {','.join(VARIANTS)}, got {how!r}")
+    return order
+
+
 def run_model(preset: str, args, device: torch.device, writer: harness.RecordWriter, budget: harness.Budget) -> None:
+    """Each variant trains a model loaded afresh from the same checkpoint with the same seed: the same
+    quantized weights, the same initial adapters (their sha256 is recorded), a new AdamW, the same batch."""
     import fastlora
 
     cache = Path(args.model_cache) / preset
-    t0 = time.perf_counter()
     save_random_model(preset, cache, device)
-    model = load_qlora_model(cache, device)
-    load_s = time.perf_counter() - t0
-    cfg_model = {"preset": preset, **PRESETS[preset], "load_in_4bit": True, "quant_type": "nf4",
-                 "double_quant": True, "compute_dtype": "bfloat16", "gradient_checkpointing": "non-reentrant",
-                 "lora": {**LORA, "target_modules": TARGETS, "adapter_dtype": "float32"},
-                 "optimizer": "torch.optim.AdamW(lr=1e-4)", "load_seconds": load_s}
-    trainer = Trainer(model, device, PRESETS[preset]["vocab_size"])
     b, s = (args.batch, args.seq) if args.batch and args.seq else THROUGHPUT_SHAPE[preset]
     if args.smoke:
         b, s = THROUGHPUT_SHAPE["tiny"] if preset == "tiny" else (1, 64)
     warmup, steps = (1, 1) if args.smoke else (args.warmup, args.steps)
-    for variant in ("unpatched", "patched"):
+    order_seed = args.order_seed if args.order_seed is not None else int.from_bytes(os.urandom(4), "little")
+    order = variant_order(args.order, order_seed)
+    for position, variant in enumerate(order):
         if budget.expired():
             harness.log(f"train: budget spent before {preset} {variant}")
             break
+        torch.manual_seed(args.seed)            # PEFT draws lora_A's init from the default generator
+        t0 = time.perf_counter()
+        model = load_qlora_model(cache, device)
+        load_s = time.perf_counter() - t0
+        cfg_model = {"preset": preset, **PRESETS[preset], "load_in_4bit": True, **_model_description(model),
+                     "gradient_checkpointing": "non-reentrant",
+                     "lora": {**LORA, "target_modules": TARGETS},
+                     "optimizer": "torch.optim.AdamW(lr=1e-4)", "load_seconds": load_s}
         cfg = {"model": cfg_model, "variant": variant, "batch": b, "seq": s, "warmup_steps": warmup,
-               "steps": steps}
+               "steps": steps, "seed": args.seed, "order": list(order), "position": position,
+               "order_rule": args.order, "order_seed": order_seed if args.order == "random" else None,
+               "initial_adapters_sha256": _adapter_sha256(model)}
+        trainer = Trainer(model, device, PRESETS[preset]["vocab_size"], seed=args.seed)
         if variant == "patched":
-            if not hasattr(fastlora, "patch"):
-                writer.write(harness.make_record("train.throughput", cfg, {}, FORMULAS, device=device,
-                                                 smoke=args.smoke, status="skipped",
-                                                 error="fastlora.patch is not available in this checkout"))
-                continue
             rep = fastlora.patch(model)
             cfg["patch_report"] = lambda rep=rep: _patch_report(rep)   # read when each record is written
-        try:
-            _measure_variant(preset, trainer, cfg, args, device, writer, budget)
-        finally:
-            if variant == "patched":
-                fastlora.unpatch(model)
-    del trainer, model
-    harness.free_memory(device)
+        _measure_variant(preset, trainer, cfg, args, device, writer, budget)
+        del trainer, model      # the next variant starts from the checkpoint again
+        harness.free_memory(device)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -320,6 +359,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                                             str(Path(os.environ.get("TMPDIR", "/tmp"))
                                                                 / "fastlora-bench-models")),
                     help="where the random checkpoints are saved and reused")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the adapters' init and of the batch (every variant)")
+    ap.add_argument("--order", default="random",
+                    help="variant order: 'random' (drawn from --order-seed, recorded) or e.g. 'patched,unpatched'")
+    ap.add_argument("--order-seed", type=int, default=None, help="seed of a random order (default: drawn, recorded)")
     ap.add_argument("--budget-seconds", type=float, default=None)
 
 

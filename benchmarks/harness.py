@@ -49,9 +49,14 @@ _PACKAGES = ("torch", "triton", "bitsandbytes", "peft", "transformers", "acceler
 # ----------------------------------------------------------------------------------------------
 
 
-def interpreter_active() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+def _interpreter_active() -> bool:
+    """fastlora's own rule (``fastlora.kernels._interpreter.interpreter_active``), imported when asked
+    and not at the top: importing fastlora imports triton, which reads TRITON_INTERPRET when it
+    decorates the kernels; ``__main__`` and the tests' conftest set it first, a harness import must not
+    race them."""
+    from fastlora.kernels._interpreter import interpreter_active
+
+    return interpreter_active()
 
 
 def default_device() -> torch.device:
@@ -115,7 +120,7 @@ def _environment(device_str: str) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.version.cuda,
-        "triton_interpret": interpreter_active(),
+        "triton_interpret": _interpreter_active(),
         "fastlora": fastlora_revision(),
     }
     if device.type == "cuda":
@@ -132,7 +137,32 @@ def environment(device: torch.device) -> dict:
 
 def performance_claim(device: torch.device, smoke: bool) -> bool:
     """Only a full (non-smoke) run of compiled kernels on a GPU may back a performance statement."""
-    return device.type == "cuda" and not smoke and not interpreter_active()
+    return device.type == "cuda" and not smoke and not _interpreter_active()
+
+
+def dtype_name(dtype) -> Optional[str]:
+    """torch.bfloat16 -> 'bfloat16' (None stays None)."""
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def describe_4bit(layer) -> dict:
+    """What a bitsandbytes ``Linear4bit`` really holds, read from its weight and quant_state (a record's
+    description of the weight is never written by hand)."""
+    weight = layer.weight
+    qs = getattr(weight, "quant_state", None) or getattr(layer, "quant_state", None)
+    if qs is None:
+        raise ValueError(f"{type(layer).__name__} holds no quant_state: its weight is not quantized (yet)")
+    nested = bool(getattr(qs, "nested", False))
+    return {"class": f"{type(layer).__module__}.{type(layer).__name__}",
+            "shape": [int(v) for v in qs.shape],
+            "quant_type": qs.quant_type,
+            "double_quant": nested,
+            "blocksize": int(qs.blocksize),
+            "blocksize2": int(qs.state2.blocksize) if nested else None,
+            "dtype": dtype_name(getattr(qs, "dtype", None)),      # W's dtype before quantization
+            "compute_dtype": dtype_name(getattr(layer, "compute_dtype", None)),
+            "quant_storage": dtype_name(weight.dtype),
+            "device": str(weight.device)}
 
 
 # ----------------------------------------------------------------------------------------------

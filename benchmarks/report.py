@@ -3,8 +3,9 @@
     python -m benchmarks report benchmarks/results/<device-slug> [--out DIR]
 
 Layer tables: one row per projection shape x r x dropout x M, each provider's median ms, then
-fastlora-auto's speed-up over ``peft`` and over ``dequant-cublas`` (t_baseline / t_fastlora) and its
-ratio to ``bf16-floor`` (t_fastlora / t_floor, 1.0 = as fast as the bare bf16 GEMMs). When a
+fastlora-auto's speed-up over ``peft`` and over ``dequant-cublas`` (t_baseline / t_fastlora), its
+ratio to ``bf16-floor`` (t_fastlora / t_floor, 1.0 = as fast as the bare bf16 GEMMs), and the
+speed-up of ``fastlora-patched`` (the PEFT layer after ``fastlora.patch``) over ``peft``. When a
 configuration was measured more than once the latest record wins. Records from runs that may not
 back a performance statement (CPU, Triton interpreter, smoke) are reported under a warning.
 """
@@ -16,10 +17,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import harness
+from .bench_layer import MODES, PROVIDERS
 
-PROVIDERS = ("peft", "dequant-cublas", "fastlora-fused", "fastlora-dequant", "fastlora-auto", "bf16-floor")
-MODES = ("forward+backward", "forward", "backward")
 FASTLORA = "fastlora-auto"
+PATCHED = "fastlora-patched"
+_MODE_ORDER = ("forward+backward",) + tuple(m for m in MODES if m != "forward+backward")   # tables' order
 
 
 def _fmt(v, spec=".3f"):
@@ -30,12 +32,18 @@ def _ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+# config entries that describe how a run went, not what was measured: records differing only in them
+# measure the same thing
+_RUN_KEYS = ("timing", "order", "position", "order_seed", "initial_adapters_sha256", "patch_report")
+
+
 def _latest(records):
     """The newest record per identical (device, bench, config)."""
     best = {}
     for r in records:
-        cfg = dict(r.get("config", {}))
-        cfg.pop("timing", None)
+        cfg = {k: v for k, v in r.get("config", {}).items() if k not in _RUN_KEYS}
+        if isinstance(cfg.get("model"), dict):
+            cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "load_seconds"}
         key = (r.get("device_name"), r.get("bench"), repr(sorted((k, repr(v)) for k, v in cfg.items())))
         if key not in best or r.get("timestamp", "") >= best[key].get("timestamp", ""):
             best[key] = r
@@ -64,9 +72,28 @@ def _speedups(by_provider):
     t = {p: _median(by_provider.get(p)) for p in PROVIDERS}
     fl = t[FASTLORA]
     return t, {"vs_peft": _ratio(t["peft"], fl), "vs_dequant_cublas": _ratio(t["dequant-cublas"], fl),
-               "to_floor": _ratio(fl, t["bf16-floor"]),
+               "to_floor": _ratio(fl, t["bf16-floor"]), "patched_vs_peft": _ratio(t["peft"], t[PATCHED]),
                "best_vs_peft": _ratio(t["peft"], min((v for v in (t["fastlora-fused"], t["fastlora-dequant"])
                                                      if v is not None), default=None))}
+
+
+def _pick(by_provider):
+    """What fastlora-auto ran, as observed (its outputs equal those of one explicit strategy), with the
+    rule's pick when the two disagree."""
+    recs = [r for r in by_provider.values() if r]
+    rule = next((r["config"].get("auto_strategy") for r in recs), None)
+    auto = by_provider.get(FASTLORA)
+    seen = auto["config"].get("strategy_observed") if auto else None
+    if seen is None:
+        return f"{rule} (rule)" if rule else None
+    return seen if seen == rule else f"{seen} (rule: {rule})"
+
+
+def _ran(cfg):
+    """'1 of 2': where this variant ran in its run's order (each starts from a freshly loaded model)."""
+    if cfg.get("position") is None or not cfg.get("order"):
+        return "–"
+    return f"{cfg['position'] + 1} of {len(cfg['order'])}"
 
 
 def _cell(rec):
@@ -82,25 +109,27 @@ def _cell(rec):
 def _layer_markdown(groups):
     lines = []
     by_mode = defaultdict(list)
-    for key in sorted(groups, key=lambda k: (k[0], MODES.index(k[7]) if k[7] in MODES else 9, k[1:7])):
+    for key in sorted(groups, key=lambda k: (k[0], _MODE_ORDER.index(k[7]) if k[7] in _MODE_ORDER else 9, k[1:7])):
         by_mode[(key[0], key[7])].append(key)
     for (dev, mode), keys in by_mode.items():
         lines += [f"### Layer, {mode} — {dev}", "",
                   "Median ms per provider (p20/p80 in the JSONL). Speed-ups are t_baseline / t_fastlora-auto; "
                   "'÷ floor' is t_fastlora-auto / t_bf16-floor.", "",
                   "| family | proj | K→N | r | p | M | " + " | ".join(PROVIDERS)
-                  + " | auto pick | × vs peft | × vs dequant-cublas | ÷ floor | best fused/dequant × vs peft |",
-                  "|" + "---|" * (6 + len(PROVIDERS) + 5)]
+                  + " | auto pick | × vs peft | × vs dequant-cublas | ÷ floor | best fused/dequant × vs peft "
+                  "| patched × vs peft |",
+                  "|" + "---|" * (6 + len(PROVIDERS) + 6)]
         for key in keys:
             _, fam, proj, K, N, r, p, _ = key
             for M in sorted(groups[key]):
                 byp = groups[key][M]
                 _, s = _speedups(byp)
-                pick = next((rec["config"].get("auto_strategy") for rec in byp.values()), None)
+                pick = _pick(byp)
                 lines.append(f"| {fam} | {proj} | {K}→{N} | {r} | {p:g} | {M} | "
                              + " | ".join(_cell(byp.get(pr)) for pr in PROVIDERS)
                              + f" | {pick or '–'} | {_fmt(s['vs_peft'], '.2f')} | {_fmt(s['vs_dequant_cublas'], '.2f')}"
-                             f" | {_fmt(s['to_floor'], '.2f')} | {_fmt(s['best_vs_peft'], '.2f')} |")
+                             f" | {_fmt(s['to_floor'], '.2f')} | {_fmt(s['best_vs_peft'], '.2f')}"
+                             f" | {_fmt(s['patched_vs_peft'], '.2f')} |")
         lines.append("")
     return lines
 
@@ -132,8 +161,8 @@ def _train_markdown(records):
     lines = []
     if thr:
         lines += ["### Training throughput (QLoRA, r=16, alpha=32, dropout 0.05, 7 projections, grad. checkpointing)",
-                  "", "| device | model | variant | batch×seq | tokens/s | step ms (median) | peak GiB | × vs unpatched |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "", "| device | model | variant | ran | batch×seq | tokens/s | step ms (median) | peak GiB | "
+                  "× vs unpatched |", "|---|---|---|---|---|---|---|---|---|"]
         base = {}
         for r in thr:
             if r["config"]["variant"] == "unpatched" and r.get("status") == "ok":
@@ -146,7 +175,7 @@ def _train_markdown(records):
             ref = base.get((r["device_name"], c["model"]["preset"], c["batch"], c["seq"]))
             peak = m.get("peak_bytes") if ok else None
             lines.append(f"| {r['device_name']} | {c['model']['preset']} | {c['variant']}"
-                         f"{'' if ok else ' (' + r.get('status', '?') + ')'} | {c['batch']}×{c['seq']} | "
+                         f"{'' if ok else ' (' + r.get('status', '?') + ')'} | {_ran(c)} | {c['batch']}×{c['seq']} | "
                          f"{_fmt(tps, '.0f')} | {_fmt(m.get('step_ms_median') if ok else None, '.1f')} | "
                          f"{_fmt(None if peak is None else peak / 2**30, '.2f')} | "
                          f"{_fmt(_ratio(tps, ref) if c['variant'] != 'unpatched' else None, '.2f')} |")
@@ -190,7 +219,7 @@ def _plot_speedups(groups, out: Path, claim: bool, modes):
     written = []
     for (dev, fam, r, p, mode), keys in sorted(panels.items()):
         keys.sort(key=lambda k: (k[2]))
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(keys), figsize=(max(6.0, 4.2 * len(keys)), 4.2), squeeze=False)
         for ax, key in zip(axes[0], keys):
             Ms = sorted(groups[key])
             series = {
@@ -198,6 +227,7 @@ def _plot_speedups(groups, out: Path, claim: bool, modes):
                 "fastlora-auto vs dequant-cublas": ("dequant-cublas", FASTLORA, "-", "s"),
                 "fused vs peft": ("peft", "fastlora-fused", ":", "^"),
                 "dequant vs peft": ("peft", "fastlora-dequant", ":", "v"),
+                "fastlora-patched vs peft": ("peft", PATCHED, "-", "D"),
                 "bf16-floor vs peft": ("peft", "bf16-floor", "--", None),
             }
             for label, (base, prov, ls, mk) in series.items():
@@ -212,10 +242,12 @@ def _plot_speedups(groups, out: Path, claim: bool, modes):
             ax.set_xlabel("M (tokens)")
             ax.set_ylabel("speed-up (t_base / t)")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        # one legend under the panels, where it hides no curve
+        handles = {lab: h for ax in axes[0] for h, lab in zip(*ax.get_legend_handles_labels())}
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7, frameon=False)
         warn = "" if claim else "  [NO PERFORMANCE CLAIM: CPU/interpreter/smoke]"
         fig.suptitle(f"{fam} r={r} dropout={p:g} {mode} — {dev}{warn}", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         path = out / f"speedup_{harness.slug(dev)}_{fam}_r{r}_p{p:g}_{harness.slug(mode)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

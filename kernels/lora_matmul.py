@@ -169,11 +169,15 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+# None: by where the kernel runs; "gpu" forces the GPU tiles (a test runs them in the interpreter)
+TILE_POLICY = None
+
+
 def _config(M: int, J: int, I: int, is_4bit: bool):
     """(BLOCK_M, BLOCK_J, BLOCK_I, num_warps, num_stages). Untuned defaults: a heuristic until the
     GPU measurements set a table. Under the interpreter, bigger tiles mean fewer Python-level
     program instances, which is what costs time there."""
-    if _interpreter.interpreter_active():
+    if TILE_POLICY != "gpu" and _interpreter.interpreter_active():
         return _pow2_clamp(M, 16, 64), _pow2_clamp(J, 16, 64), _pow2_clamp(I, 16, 64), 4, 1
     bm = _pow2_clamp(M, 16, 128)
     bj = _pow2_clamp(J, 16, 128)

@@ -22,7 +22,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks import __main__ as cli  # noqa: E402
-from benchmarks import bench_layer, harness  # noqa: E402
+from benchmarks import bench_layer, bench_train, harness  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 EXPECTED_VERSIONS = ("torch", "triton", "bitsandbytes", "peft", "transformers")
@@ -58,31 +58,88 @@ def _check_common(rec, where):
     assert rec["status"] == "ok", f"{where}: status {rec['status']}: {rec.get('error')}"
 
 
+# One concrete case written out by hand: the smoke run's tiny q_proj, K=64 -> N=48, at M=16, r=4.
+#   frozen GEMM     2·M·N·K      = 2·16·48·64      = 98,304 per product (forward X·Wᵀ, backward dY·W; no dW)
+#   LoRA forward    2·M·r·(K+N)  = 2·16·4·112      = 14,336
+#   LoRA backward   4·M·r·(K+N)  = 4·16·4·112      = 28,672
+# bytes, N·K = 3072:
+#   W 4-bit + uint8 absmax  3072/2 + 3072/64 = 1,584;  X = dX = 2·16·64 = 2,048;  Y = dY = 2·16·48 = 1,536
+#   A, B (and dA, dB) fp32  4·4·112 = 1,792;  H fp32  4·16·4 = 256
+#   forward   1,584 + 2,048 (X) + 1,536 (Y) + 1,792 (A, B) + 256 (H written)                      = 7,216
+#   backward  1,584 + 1,536 (dY) + 2,048 (dX) + 2,048 (X again, dA) + 256 (H) + 1,792 + 1,792 (dA, dB) = 11,056
+#   bf16-floor: W bf16 2·3072 = 6,144; forward 6,144 + 2,048 + 1,536 = 9,728; backward the same
+HAND_CASE = dict(proj="q_proj", K=64, N=48, M=16, r=4)
+HAND_FLOPS = {  # (has LoRA, mode) -> FLOPs
+    (True, "forward"): 98_304 + 14_336, (True, "backward"): 98_304 + 28_672,
+    (True, "forward+backward"): 2 * 98_304 + 14_336 + 28_672,
+    (False, "forward"): 98_304, (False, "backward"): 98_304, (False, "forward+backward"): 2 * 98_304,
+}
+HAND_BYTES = {
+    (True, "forward"): 7_216, (True, "backward"): 11_056, (True, "forward+backward"): 7_216 + 11_056,
+    (False, "forward"): 9_728, (False, "backward"): 9_728, (False, "forward+backward"): 2 * 9_728,
+}
+GRAD_KEYS = ("", "_dx", "_da", "_db")   # Y, dX, dA, dB
+
+
 def test_layer_records(smoke_dir):
     recs = _records(smoke_dir / "layer.jsonl")
-    seen = set()
+    seen, hand_checked = set(), set()
+    eps16, eps32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
     for rec in recs:
         c, m = rec["config"], rec["metrics"]
         where = f"layer {c.get('proj')} M={c.get('M')} {c.get('provider')} {c.get('mode')}"
         _check_common(rec, where)
         assert rec["bench"] == "layer"
         for key in ("family", "proj", "M", "N", "K", "r", "lora_alpha", "scaling", "dropout", "bias", "weight",
-                    "provider", "mode", "auto_strategy", "timing"):
+                    "provider", "mode", "auto_strategy", "timing", "x_dtype"):
             assert key in c, f"{where}: config lacks {key}"
-        assert c["weight"]["quant_type"] == "nf4" and c["weight"]["double_quant"] is True
+        # read from the quantized layer: what bench_layer.Inputs asked bitsandbytes for
+        w = c["weight"]
+        assert (w["quant_type"], w["double_quant"], w["blocksize"], w["compute_dtype"], w["shape"]) == \
+            ("nf4", True, 64, "bfloat16", [c["N"], c["K"]]), f"{where}: weight {w}"
+        assert c["x_dtype"] == "bfloat16" and c["adapter_dtype"] == "float32", where
         assert 0 < m["p20_ms"] <= m["median_ms"] <= m["p80_ms"], f"{where}: timings {m}"
-        assert m["flops"] == bench_layer.flops(c["mode"], c["M"], c["N"], c["K"], c["r"], c["provider"] != "bf16-floor")
         assert m["tflops"] == pytest.approx(m["flops"] / (m["median_ms"] * 1e-3) / 1e12)
+        lora = c["provider"] != "bf16-floor"
+        if all(c[k] == v for k, v in HAND_CASE.items()):
+            assert m["flops"] == HAND_FLOPS[(lora, c["mode"])], f"{where}: flops {m['flops']}"
+            assert m["bytes"] == HAND_BYTES[(lora, c["mode"])], f"{where}: bytes {m['bytes']}"
+            hand_checked.add((c["provider"], c["mode"]))
         if ON_GPU:
             assert m["peak_bytes"] > 0
-        if c["provider"] == "fastlora-auto":
-            assert c["strategy"] in ("fused", "dequant") and c["strategy"] == c["auto_strategy"]
-        if c["provider"] not in ("peft", "bf16-floor"):
-            # every provider computes the same layer: one bf16 rounding apart at most
-            tol = 2 * torch.finfo(torch.bfloat16).eps * max(1.0, m["ref_absmax"])
-            assert m["max_abs_diff_vs_peft"] <= tol, f"{where}: |Y - Y_peft| = {m['max_abs_diff_vs_peft']} > {tol}"
+        if c["provider"] in ("fastlora-auto", "fastlora-patched"):
+            # what ran, told by its outputs (bitwise equal to one explicit strategy's), not by the rule
+            assert c["strategy_observed"] in ("fused", "dequant"), f"{where}: {c['strategy_observed']}"
+            assert c["strategy_observed"] == c["auto_strategy"], \
+                f"{where}: ran {c['strategy_observed']}, choose_strategy says {c['auto_strategy']}"
+        if c["provider"] == "fastlora-patched":
+            assert m["patch_patched_layers"] == 1 and m["patch_fused_calls"] > 0, f"{where}: {m}"
+            assert not m["patch_fallback_calls"], f"{where}: patched layer fell back: {m['patch_fallback_calls']}"
+        if lora and c["provider"] != "peft":
+            # Y and dX, dA, dB: every provider computes the same layer, one bf16 rounding of the largest
+            # value apart at most (X, W, dY are bf16)
+            for g in GRAD_KEYS:
+                diff, ref = m["max_abs_diff_vs_peft" + g], m["ref_absmax" + g]
+                assert ref > 0, f"{where}: PEFT's {g or 'Y'} is all zero: the check compares nothing"
+                assert diff <= 2 * eps16 * ref, f"{where}: max |{g or 'Y'} - PEFT's| = {diff} > {2 * eps16 * ref}"
+            assert m["matches_peft"] is True, where
+            if c["provider"].startswith("fastlora-"):
+                # fastlora's LoRA gradients are fp32 like PEFT's: fp32 summation-order differences only
+                for g in ("_da", "_db"):
+                    diff, tol = m["max_abs_diff_vs_peft" + g], 4 * eps32 * c["M"] ** 0.5 * m["ref_absmax" + g]
+                    assert diff <= tol, f"{where}: max |{g[1:]} - PEFT's| = {diff} > {tol} (fp32)"
         seen.add((c["provider"], c["mode"]))
-    assert seen == {(p, mode) for p in bench_layer.PROVIDERS for mode in bench_layer.MODES}, "a provider/mode is missing"
+    everything = {(p, mode) for p in bench_layer.PROVIDERS for mode in bench_layer.MODES}
+    assert seen == everything, f"missing provider/mode: {everything - seen}"
+    assert hand_checked == everything, f"hand-computed case not measured for {everything - hand_checked}"
+
+
+def test_flops_and_bytes_by_hand():
+    """The formulas themselves, at the hand-computed case (the records above repeat them)."""
+    M, N, K, r = (HAND_CASE[k] for k in ("M", "N", "K", "r"))
+    for (lora, mode), f in HAND_FLOPS.items():
+        assert bench_layer.flops(mode, M, N, K, r, lora) == f, (lora, mode)
+        assert bench_layer.min_bytes(mode, M, N, K, r, lora) == HAND_BYTES[(lora, mode)], (lora, mode)
 
 
 def test_peft_provider_is_peft_linear4bit(smoke_dir):
@@ -101,13 +158,33 @@ def test_train_records(smoke_dir):
         _check_common(rec, where)
         assert rec["bench"] == "train.throughput"
         assert c["model"]["load_in_4bit"] and c["model"]["lora"]["r"] == 16 and c["model"]["lora"]["lora_alpha"] == 32
+        w = c["model"]["weight"]
+        assert (w["quant_type"], w["double_quant"], w["compute_dtype"]) == ("nf4", True, "bfloat16"), f"{where}: {w}"
+        assert c["model"]["adapter_dtype"] == "float32", where
         assert m["tokens_per_s"] > 0 and m["step_ms_median"] > 0
         assert all(torch.isfinite(torch.tensor(m["losses"])))
         variants[c["variant"]] = rec
     assert set(variants) == {"unpatched", "patched"}
-    rep = variants["patched"]["config"]["patch_report"]
+    u, p = variants["unpatched"]["config"], variants["patched"]["config"]
+    # both variants from one starting point: same adapters, same order record, each at its own position
+    assert u["initial_adapters_sha256"] == p["initial_adapters_sha256"], "the variants started from different adapters"
+    assert u["order"] == p["order"] and sorted(u["order"]) == ["patched", "unpatched"]
+    assert [u["order"][u["position"]], p["order"][p["position"]]] == ["unpatched", "patched"]
+    # B = 0 at the start (PEFT's init): the first loss is the base model's, whatever the dropout masks
+    lu, lp = variants["unpatched"]["metrics"]["losses"][0], variants["patched"]["metrics"]["losses"][0]
+    assert lp == pytest.approx(lu, rel=1e-2), f"first loss unpatched {lu} vs patched {lp}: not the same start"
+    rep = p["patch_report"]
     assert rep["patched_count"] == 2 * 7, f"patch report: {rep}"        # tiny: 2 layers x 7 projections
     assert rep["fused_calls"] > 0 and not rep["fallback_calls"], f"patched layers did not run fused: {rep}"
+
+
+def test_variant_order():
+    orders = {bench_train.variant_order("random", seed) for seed in range(16)}
+    assert orders == {("unpatched", "patched"), ("patched", "unpatched")}, orders   # both occur
+    assert bench_train.variant_order("random", 3) == bench_train.variant_order("random", 3)
+    assert bench_train.variant_order("patched,unpatched", None) == ("patched", "unpatched")
+    with pytest.raises(SystemExit):
+        bench_train.variant_order("patched,patched", None)
 
 
 def test_report(smoke_dir, tmp_path):
@@ -117,8 +194,8 @@ def test_report(smoke_dir, tmp_path):
     assert "No performance claim" in md
     for provider in bench_layer.PROVIDERS:
         assert provider in md
-    assert "× vs peft" in md and "× vs dequant-cublas" in md and "÷ floor" in md
-    assert "Training throughput" in md
+    assert "× vs peft" in md and "× vs dequant-cublas" in md and "÷ floor" in md and "patched × vs peft" in md
+    assert "Training throughput" in md and "1 of 2" in md and "2 of 2" in md
     pngs = sorted(out.glob("*.png"))
     names = {p.name.split("_")[0] for p in pngs}
     assert {"speedup", "memory", "train"} <= names, f"plots written: {[p.name for p in pngs]}"

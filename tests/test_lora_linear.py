@@ -132,6 +132,17 @@ def test_dense_base(xdtype, p, strategy):
     _case(29, BASE["K"], BASE["N"], 16, xdtype=xdtype, p=p, dense=True, strategy=strategy)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+def test_gpu_tile_sizes(strategy, monkeypatch):
+    """The GPU's tiles (128 x 128 x 64, grouped order) on shapes that leave partial tiles in every
+    dimension: under the interpreter too, so CPU runs check the masks of the tiles the GPU runs."""
+    from fastlora.kernels import lora_matmul as lm
+
+    monkeypatch.setattr(lm, "TILE_POLICY", "gpu")
+    assert lm._config(130, 200, 300, True)[:3] == (128, 128, 64)
+    _case(130, 200, 136, 8, p=0.05, strategy=strategy)
+
+
 def test_3d_input_and_auto_strategy():
     _case(None, BASE["K"], BASE["N"], 8, lead=(3, 7), strategy="auto", p=0.05)
 
