@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .format import from_bnb, get_quant_state
-from .kernels._interpreter import interpreter_active
+from .kernels._interpreter import can_run_on
 from .ops import lora_linear
 
 logger = logging.getLogger("fastlora")
@@ -214,10 +214,6 @@ def _classify(layer, types):
 # ------------------------------------------------------------------------------------------------
 
 
-def _device_ok(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and interpreter_active()
 
 
 def _autocast_dtype(device_type: str):
@@ -285,7 +281,7 @@ def _plan(layer, st, x, args, kwargs):
         return "module_hooks"
     weight, bias = base.weight, base.bias
     dev = x.device
-    if not _device_ok(dev):
+    if not can_run_on(dev):
         return "device"
     if any(t.device != dev for t in [weight, *As, *Bs] + ([bias] if bias is not None else [])):
         return "device_mismatch"

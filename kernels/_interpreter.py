@@ -32,6 +32,22 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def can_run_on(device) -> bool:
+    """Whether fastlora's Triton kernels can run on tensors of ``device``: a CUDA GPU, or the CPU
+    under the interpreter."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return kind == "cuda" or (kind == "cpu" and interpreter_active())
+
+
+def require_runnable(device, what: str) -> None:
+    """Raise a RuntimeError naming ``what`` when the kernels cannot run on ``device``."""
+    if not can_run_on(device):
+        raise RuntimeError(
+            f"fastlora's Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 to run on the CPU; "
+            f"{what} is on {device}"
+        )
+
+
 def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """fp32 array -> bf16 bit patterns (uint16), round to nearest, ties to even; NaN stays NaN."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

@@ -62,7 +62,7 @@ def _lora_matmul_kernel(
     # Aop [M, I], any strides
     a_ptr, stride_am, stride_ai,
     # W [Nw, Kw]: 4-bit (decode args) or dense (w_ptr + strides)
-    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+    w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     stride_wn, stride_wk, Kw,
     # epilogue operands: L [M, rank] fp32, R [rank, J] any strides, bias [J]
     l_ptr, stride_lm, stride_lr,
@@ -118,7 +118,7 @@ def _lora_matmul_kernel(
             k_idx = offs_i[:, None]
         t_mask = mask_i[:, None] & mask_j[None, :]
         if IS_4BIT:
-            t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset,
+            t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
         else:
             t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
@@ -243,10 +243,9 @@ def lora_matmul(
     else:
         Nw, Kw = w.shape
         stride_wn, stride_wk = _strides2(w, "w")
-        wargs = (w, w, w, w, w, 0.0)
+        wargs = (w,) * 6  # the decode pointers go unread: IS_4BIT is off
         blocksize, blocksize2, nested = 64, 256, False
-        if a.device.type == "cpu" and not _interpreter.interpreter_active():
-            raise RuntimeError("fastlora's Triton kernels need GPU tensors, or TRITON_INTERPRET=1 on the CPU")
+        _interpreter.require_runnable(a.device, "the input")
     J = Nw if not trans_w else Kw
     if (Kw if not trans_w else Nw) != I:
         raise ValueError(f"inner dimensions differ: a is [{M}, {I}] but W is [{Nw}, {Kw}] (trans_w={trans_w})")

@@ -141,11 +141,7 @@ def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> N
         # "Cannot copy out of meta tensor" and a GPU launch with an invalid pointer
         raise ValueError("the 4-bit weight is on the meta device (it has no data): load or move the model "
                          "to a GPU before calling fastlora's kernels")
-    if q.device.type == "cpu" and not _interpreter.interpreter_active():
-        raise RuntimeError(
-            "fastlora's Triton kernels need a GPU tensor, or TRITON_INTERPRET=1 to run them on the CPU "
-            f"(the 4-bit weight is on {q.device})"
-        )
+    _interpreter.require_runnable(q.device, "the 4-bit weight")
 
 
 def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None):

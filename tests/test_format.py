@@ -124,9 +124,15 @@ def test_everything_on_meta(quantized):
     packed, qs = quantized
     meta = lambda t: t.to("meta")  # noqa: E731
     state2 = _replace(qs.state2, absmax=meta(qs.state2.absmax), code=meta(qs.state2.code))
-    qs_meta = _replace(qs, absmax=meta(qs.absmax), code=meta(qs.code), state2=state2)
+    qs_meta = _replace(qs, absmax=meta(qs.absmax), code=meta(qs.code), offset=meta(qs.offset), state2=state2)
     with _raises(ValueError, "meta device"):
         fastlora.dequantize(meta(packed), qs_meta)
+
+
+def test_offset_on_another_device(quantized):
+    packed, qs = quantized
+    with _raises(ValueError, "quant_state.offset", "meta"):
+        fastlora.dequantize(packed, _replace(qs, offset=qs.offset.to("meta")))
 
 
 @pytest.mark.parametrize("quant_type", ["int4", "NF4", None])
