@@ -178,8 +178,25 @@ def test_fused_matches_peft(case):
     assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, report.fallback_calls)
 
 
+@pytest.mark.parametrize("case", ["4bit-x32-bf16compute", "4bit-x_bf16", "dense-bf16"])
+def test_dequant_strategy_through_the_patcher(case, monkeypatch):
+    """The large-M strategy (dequantize, cuBLAS, fused LoRA epilogue) behind the patcher, forced by
+    lowering the dispatcher's threshold below this batch."""
+    import fastlora.ops as ops
+
+    monkeypatch.setattr(ops, "DEQUANT_MIN_TOKENS", 1)
+    assert ops.choose_strategy(21, N_OUT, K_IN, True, torch.device(DEVICE)) == "dequant"
+    kw = dict(CASES[case])
+    x_dtype = kw.pop("x_dtype")
+    pm = make_model(**kw)
+    ref, report = patched_pair(pm)
+    check_against_peft(pm, ref, rand(3, 7, K_IN, dtype=x_dtype), ["default"], case)
+    assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, report.fallback_calls)
+
+
+@pytest.mark.parametrize("cuda_like", [False, True])
 @pytest.mark.parametrize("kind", ["4bit", "dense"])
-def test_fused_under_autocast(kind):
+def test_fused_under_autocast(kind, cuda_like, monkeypatch):
     """Autocast bf16 on DEVICE over fp32 activations (what Trainer bf16=True does: CPU autocast on a
     CPU, CUDA autocast on a GPU): bitsandbytes' and nn.Linear's inner F.linear run in bf16; the result
     dtype is PEFT's (fp32 for 4-bit, bf16 for dense). Under CUDA autocast PEFT's 4-bit layer also
@@ -187,6 +204,13 @@ def test_fused_under_autocast(kind):
     run covers the patcher's other autocast branch."""
     # bitsandbytes' compute dtype equal to the autocast dtype, as in the QLoRA recipe (bf16 compute,
     # Trainer bf16=True); a different one falls back (test_fallback_autocast_other_compute_dtype)
+    if cuda_like and not ON_GPU:
+        # PEFT's 4-bit layer asks torch.is_autocast_enabled() with no device, which answers for CUDA
+        # only; make it answer for the CPU's autocast, for PEFT and the patcher alike, so the CPU run
+        # also takes the branch a GPU run takes (no cast of x to the adapters' dtype)
+        orig = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled",
+                            lambda *a: orig(*a) if a else orig("cpu"))
     pm = make_model(kind, dtype=torch.float32, compute_dtype=torch.bfloat16)
     ref, report = patched_pair(pm)
     x = rand(2, 9, K_IN)
