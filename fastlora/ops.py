@@ -8,8 +8,9 @@ Two strategies compute the frozen product (``choose_strategy`` picks one per cal
   (dY·W); no [N, K] floating copy of W ever exists. The LoRA term, the bias and (backward) the
   dropout mask are applied in the same kernel's epilogue.
 - ``"dequant"``: W is dequantized by fastlora's kernel into a temporary, multiplied with
-  ``torch.matmul`` (cuBLAS), and the temporary is freed at once; backward dequantizes again. The
-  LoRA term, bias and mask are still added by the kernel's epilogue, in place on the cuBLAS output.
+  cuBLAS (with the bias, as bitsandbytes' own path does), and the temporary is freed at once;
+  backward dequantizes again. The LoRA term and the mask are still added by the kernel's epilogue,
+  in place on the cuBLAS output.
 
 The LoRA products (H = D(X)·Aᵀ, G = dY·B, dA, dB) run through the same kernel in fp32 with IEEE
 precision, as PEFT's fp32 adapters do under PyTorch's default (no TF32) matmul.
@@ -26,7 +27,7 @@ from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lor
 from .kernels.quant4 import Packed4bit, dequantize_4bit
 
 STRATEGIES = ("fused", "dequant")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The M (tokens) at and above which "dequant" is chosen. A heuristic until the GPU measurements of
 # the layer benchmark replace it: at small M the layer is memory bound and reading W as 4 bits inside
@@ -127,14 +128,14 @@ class _LoRALinearFn(torch.autograd.Function):
 def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must be [..., {K}] (in_features of the weight), got {tuple(x.shape)}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor")
-        if t.dtype not in _FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     r = lora_A.shape[0]
     if tuple(lora_A.shape) != (r, K) or tuple(lora_B.shape) != (N, r):
@@ -144,7 +145,7 @@ def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy)
         )
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
-    if compute_dtype not in _FLOATS:
+    if compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -197,7 +198,7 @@ def lora_linear(
     elif quant_state is not None or getattr(weight, "quant_state", None) is not None:
         w = from_bnb(weight, quant_state if quant_state is not None else weight.quant_state)
     else:
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in _FLOATS:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 "weight must be a bitsandbytes 4-bit weight (with its quant_state) or a dense 2-D float tensor, got "
                 f"{type(weight).__name__} {getattr(weight, 'dtype', '')} {tuple(getattr(weight, 'shape', ()))}"

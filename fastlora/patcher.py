@@ -42,11 +42,10 @@ from torch import nn
 
 from .format import from_bnb, get_quant_state
 from .kernels._interpreter import can_run_on
-from .ops import lora_linear
+from .ops import FLOAT_DTYPES, lora_linear
 
 logger = logging.getLogger("fastlora")
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _STATE_ATTR = "_fastlora_patch"
 
 #: Reasons a LoRA layer is not patched at all (``report.skipped[name]`` starts with one of these keys).
@@ -288,7 +287,7 @@ def _plan(layer, st, x, args, kwargs):
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "base_requires_grad"
     lora_dtype = As[0].dtype
-    if x.dtype not in _FLOATS or lora_dtype not in _FLOATS or any(t.dtype != lora_dtype for t in As + Bs):
+    if x.dtype not in FLOAT_DTYPES or lora_dtype not in FLOAT_DTYPES or any(t.dtype != lora_dtype for t in As + Bs):
         return "dtype"
     ac = _autocast_dtype(dev.type)
     if not getattr(layer, "cast_input_dtype_enabled", True) and ac is None and x.dtype != lora_dtype:
@@ -318,7 +317,7 @@ def _plan(layer, st, x, args, kwargs):
             base.set_compute_type(x)
             base.compute_type_is_set = True
         bnb_dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
-        if bnb_dtype not in _FLOATS:
+        if bnb_dtype not in FLOAT_DTYPES:
             return "dtype"
         if ac is not None and ac != bnb_dtype:
             return "autocast_compute_dtype"
@@ -330,7 +329,7 @@ def _plan(layer, st, x, args, kwargs):
         compute = ac if ac is not None else bnb_dtype
         x_in = x
     else:
-        if weight.dtype not in _FLOATS:
+        if weight.dtype not in FLOAT_DTYPES:
             return "dtype"
         if ac is None:
             if x.dtype != weight.dtype:
