@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreter
+from . import _interpreter, _launch, configs
 from .quant4 import Packed4bit, check_device, decode_4bit, kernel_args
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -161,29 +161,17 @@ def _lora_matmul_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# block-size policy
+# block-size policy: the tables of configs.py
 # ----------------------------------------------------------------------------------------------
 
 
-def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
-
-
-# None: by where the kernel runs; "gpu" forces the GPU tiles (a test runs them in the interpreter)
-TILE_POLICY = None
-
-
-def _config(M: int, J: int, I: int, is_4bit: bool):
-    """(BLOCK_M, BLOCK_J, BLOCK_I, num_warps, num_stages). Untuned defaults: a heuristic until the
-    GPU measurements set a table. Under the interpreter, bigger tiles mean fewer Python-level
-    program instances, which is what costs time there."""
-    if TILE_POLICY != "gpu" and _interpreter.interpreter_active():
-        return _pow2_clamp(M, 16, 64), _pow2_clamp(J, 16, 64), _pow2_clamp(I, 16, 64), 4, 1
-    bm = _pow2_clamp(M, 16, 128)
-    bj = _pow2_clamp(J, 16, 128)
-    bi = 64 if is_4bit or I >= 64 else _pow2_clamp(I, 16, 64)
-    warps = 8 if bm * bj >= 128 * 128 else 4
-    return bm, bj, bi, warps, 3
+def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype) -> str:
+    """Which row of the launch-configuration tables a product uses (see ``configs.py``)."""
+    if skip_main:
+        return "epilogue"
+    if is_4bit:
+        return "frozen4"
+    return "lora" if compute_dtype == torch.float32 else "dense"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +233,7 @@ def lora_matmul(
         stride_wn, stride_wk = _strides2(w, "w")
         wargs = (w,) * 6  # the decode pointers go unread: IS_4BIT is off
         blocksize, blocksize2, nested = 64, 256, False
-        _interpreter.require_runnable(a.device, "the input")
+        _launch.require_runnable(a.device, "the input")
     J = Nw if not trans_w else Kw
     if (Kw if not trans_w else Nw) != I:
         raise ValueError(f"inner dimensions differ: a is [{M}, {I}] but W is [{Nw}, {Kw}] (trans_w={trans_w})")
@@ -261,14 +249,16 @@ def lora_matmul(
         return out
     _interpreter.ensure()
 
-    BM, BJ, BI, warps, stages = _config(M, J, I, is_4bit)
+    cfg = configs.select(_kind(is_4bit, skip_main, compute_dtype), M, J, I, _launch.launch_target(a.device))
+    BM, BJ, BI, warps, stages = cfg.as_tuple()
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
-    BR = _pow2_clamp(rank, 16, 32)
+    BR = configs._pow2_clamp(rank, 16, 32)
     grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)
     l_ = lora_l if has_lora else out
     r_ = lora_r if has_lora else out
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
-    _lora_matmul_kernel[grid](
+    _launch.launch(
+        _lora_matmul_kernel, grid,
         a, a.stride(0), a.stride(1),
         *wargs, stride_wn, stride_wk, Kw,
         l_, l_.stride(0), l_.stride(1),
@@ -308,5 +298,5 @@ def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M * K:
         BLOCK = 1024
-        _keep_mask_kernel[(triton.cdiv(M * K, BLOCK),)](out, M * K, seed, float(p), BLOCK=BLOCK)
+        _launch.launch(_keep_mask_kernel, (triton.cdiv(M * K, BLOCK),), out, M * K, seed, float(p), BLOCK=BLOCK)
     return out.bool()

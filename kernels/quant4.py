@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _interpreter
+from . import _interpreter, _launch, configs
 
 _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -136,12 +136,12 @@ def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> N
     for t in others:
         if t is not None and t.device != q.device:
             raise ValueError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}")
-    if q.device.type == "meta":
+    if q.device.type == "meta" and not _launch.recording_active():
         # a meta tensor has no data: without this, the interpreter fails deep inside with
         # "Cannot copy out of meta tensor" and a GPU launch with an invalid pointer
         raise ValueError("the 4-bit weight is on the meta device (it has no data): load or move the model "
                          "to a GPU before calling fastlora's kernels")
-    _interpreter.require_runnable(q.device, "the 4-bit weight")
+    _launch.require_runnable(q.device, "the 4-bit weight")
 
 
 def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None):
@@ -160,11 +160,13 @@ def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Opt
     numel = q.N * q.K
     if numel == 0:
         return out
-    BLOCK = 1024
+    cfg = configs.select("dequant", q.N, q.K, 1, _launch.launch_target(q.device))
+    BLOCK = cfg.block_j
     grid = (triton.cdiv(numel, BLOCK),)
-    _dequant_4bit_kernel[grid](
+    _launch.launch(
+        _dequant_4bit_kernel, grid,
         *kernel_args(q), out, numel,
         BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, NESTED=q.nested, BLOCK=BLOCK,
-        enable_fp_fusion=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
     return out

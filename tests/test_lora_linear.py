@@ -132,15 +132,20 @@ def test_dense_base(xdtype, p, strategy):
     _case(29, BASE["K"], BASE["N"], 16, xdtype=xdtype, p=p, dense=True, strategy=strategy)
 
 
+@pytest.mark.parametrize("target", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"])
 @pytest.mark.parametrize("strategy", ["fused", "dequant"])
-def test_gpu_tile_sizes(strategy, monkeypatch):
-    """The GPU's tiles (128 x 128 x 64, grouped order) on shapes that leave partial tiles in every
-    dimension: under the interpreter too, so CPU runs check the masks of the tiles the GPU runs."""
-    from fastlora.kernels import lora_matmul as lm
+def test_gpu_tile_sizes(strategy, target):
+    """Each GPU family's tiles (from the tables of ``configs.py``) on shapes that leave partial tiles
+    in every dimension: under the interpreter too, so CPU runs check the masks and loop trips of the
+    tiles each GPU runs."""
+    from fastlora.kernels import _launch, configs
+    from fastlora.kernels.targets import get_target
 
-    monkeypatch.setattr(lm, "TILE_POLICY", "gpu")
-    assert lm._config(130, 200, 300, True)[:3] == (128, 128, 64)
-    _case(130, 200, 136, 8, p=0.05, strategy=strategy)
+    t = get_target(target)
+    cfg = configs.select("frozen4", 130, 200, 136, t)
+    assert cfg.block_m > 16 or t.cc < 80, "M = 130 must take a large-M row of the table"
+    with _launch.tiles_for(target):
+        _case(130, 200, 136, 8, p=0.05, strategy=strategy)
 
 
 def test_3d_input_and_auto_strategy():

@@ -1,0 +1,226 @@
+"""Where every fastlora kernel launch goes through, so a machine without a GPU can see what a GPU runs.
+
+Launchers call :func:`launch` instead of ``kernel[grid](...)``, and :func:`launch_target` to learn
+which GPU's launch configuration applies. Normally that is the device's own (``targets.device_target``),
+or, under Triton's CPU interpreter, none (the interpreter's tiles) unless a test names one with
+:func:`tiles_for`. Inside :func:`recording` a launch is not run but recorded, with its kernel, grid
+and the exact arguments and keywords the launcher passed, and ``launch_target`` answers with the
+recorded target: ``fastlora inspect`` runs the real op on ``meta`` tensors (shapes and dtypes, no
+data) under ``recording`` and so sees precisely the launches, configurations and arguments of a GPU
+run. :func:`compile_launch` then compiles one recorded launch for its target through Triton's own
+JIT entry point (``JITFunction.warmup``), which applies Triton's argument specialization (16-byte
+divisibility of pointers and integers, integers equal to 1, constexprs, options) exactly as a real
+launch does; only the driver is stood in for, by one that reports the target and launches nothing.
+
+Meta tensors report ``data_ptr() == 0``; PyTorch's CUDA allocator returns 512-byte aligned blocks,
+so the fresh tensors of a real layer call are 16-byte aligned too. A user's view at an odd offset
+would compile a less-aligned variant: ``inspect`` shows the aligned one, the common case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+
+from . import _interpreter
+from .targets import Target, device_target, get_target
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a launcher made it."""
+
+    kernel: Any               # the @triton.jit function
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    label: Optional[str] = None   # what the launch computes ("Y", "dX", ...), when the caller said
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= int(g)
+        return n
+
+
+@dataclass
+class _Recorder:
+    target: Target
+    launches: List[Launch] = field(default_factory=list)
+
+
+_state = threading.local()
+
+
+def _recorder() -> Optional[_Recorder]:
+    return getattr(_state, "recorder", None)
+
+
+def recording_active() -> bool:
+    return _recorder() is not None
+
+
+@contextlib.contextmanager
+def recording(target):
+    """Record (not run) every launch made inside, as launched on ``target`` (a name or Target)."""
+    if _recorder() is not None:
+        raise RuntimeError("fastlora: kernel launches are already being recorded")
+    rec = _Recorder(get_target(target))
+    _state.recorder = rec
+    try:
+        yield rec.launches
+    finally:
+        _state.recorder = None
+
+
+@contextlib.contextmanager
+def label(name: str):
+    """Name the launches made inside (``Launch.label``) while recording; free otherwise."""
+    prev = getattr(_state, "label", None)
+    _state.label = name
+    try:
+        yield
+    finally:
+        _state.label = prev
+
+
+# a target whose tiles the interpreter runs (tests): None -> the interpreter's own small tiles
+_INTERPRETER_TILES: Optional[Target] = None
+
+
+@contextlib.contextmanager
+def tiles_for(target):
+    """Under the interpreter, launch with ``target``'s configuration (so CPU tests run the masks and
+    loop trips of the tiles that GPU runs)."""
+    global _INTERPRETER_TILES
+    prev = _INTERPRETER_TILES
+    _INTERPRETER_TILES = get_target(target) if target is not None else None
+    try:
+        yield
+    finally:
+        _INTERPRETER_TILES = prev
+
+
+def launch_target(device) -> Optional[Target]:
+    """The target whose launch configuration applies on ``device``: the recorded target inside
+    :func:`recording`; the device's own on CUDA; under the interpreter None (its own tiles) unless
+    :func:`tiles_for` named one."""
+    rec = _recorder()
+    if rec is not None:
+        return rec.target
+    if _interpreter.interpreter_active():
+        return _INTERPRETER_TILES
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return _device_target_cached(dev.index if dev.index is not None else torch.cuda.current_device())
+    return None
+
+
+_DEVICE_TARGETS: dict = {}
+
+
+def _device_target_cached(index: int) -> Target:
+    t = _DEVICE_TARGETS.get(index)
+    if t is None:
+        t = _DEVICE_TARGETS[index] = device_target(torch.device("cuda", index))
+    return t
+
+
+def require_runnable(device, what: str) -> None:
+    """As ``_interpreter.require_runnable``, except while recording (meta tensors are the point)."""
+    if _recorder() is None:
+        _interpreter.require_runnable(device, what)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, or a recorded :class:`Launch` inside :func:`recording`."""
+    rec = _recorder()
+    if rec is not None:
+        rec.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs), getattr(_state, "label", None)))
+        return None
+    return kernel[grid](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling a recorded launch for its target, without a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: reports ``target``; never launches (warmup only)."""
+
+    def __init__(self, target):
+        self._target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self._target
+
+    def is_active(self):
+        return True
+
+
+def compile_launch(launch_: Launch, target):
+    """Compile ``launch_`` for ``target`` through Triton's JIT (the specialization of a real launch).
+
+    Returns Triton's CompiledKernel (``.asm['cubin']``, ``.asm['ptx']``, ``.metadata``). Needs the
+    kernels imported as compiled functions: raises if they are the interpreter's (TRITON_INTERPRET=1
+    was set when they were decorated); ``fastlora inspect`` runs in a process of its own for that.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    target = get_target(target)
+    kernel = launch_.kernel
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(
+            f"{launch_.name} was decorated for Triton's CPU interpreter (TRITON_INTERPRET=1 at import): "
+            "compiling for a GPU target needs a process where it is unset (fastlora inspect starts one)"
+        )
+    gpu = GPUTarget("cuda", target.cc, 32)
+    prev = driver._active
+    driver.set_active(_TargetDriver(gpu))
+    # the JIT caches its binder (and so the target) per device index: drop it when the target changes
+    if getattr(kernel, "_fastlora_target", None) != gpu:
+        kernel.device_caches.clear()
+        kernel._fastlora_target = gpu
+    try:
+        return kernel.warmup(*launch_.args, grid=launch_.grid, **launch_.kwargs)
+    finally:
+        driver._active = prev
+
+
+def specialization(launch_: Launch, target) -> dict:
+    """The argument specialization Triton's JIT computes for ``launch_`` on ``target``: per argument
+    its type ("*bf16", "i32", "constexpr", ...) and attribute (e.g. "D" = divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch_.kernel
+    fn = getattr(kernel, "fn", None)
+    params = getattr(kernel, "params", None)
+    if params is None:
+        raise RuntimeError(f"{launch_.name}: not a Triton JIT function")
+    backend = make_backend(GPUTarget("cuda", get_target(target).cc, 32))
+    binder = create_function_from_signature(kernel.signature, params, backend)
+    _, spec, _ = binder(*launch_.args, **launch_.kwargs)
+    names = [p.name for p in params]
+    del fn
+    return {n: tuple(s) if isinstance(s, (tuple, list)) else s for n, s in zip(names, spec)}

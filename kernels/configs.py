@@ -1,0 +1,129 @@
+"""Launch configurations as data: one small table per GPU family, looked up by the kind of product and M.
+
+A launcher asks :func:`select` with the kind of product it runs, its problem size and a
+:class:`~fastlora.kernels.targets.Target` (the device's, or one named explicitly: that is how
+``fastlora inspect`` and the tests ask on a CPU what an RTX 4090 would run). The answer is the first
+row of the family's table for that kind whose ``max_m`` is at least M, with the tiles then narrowed
+to the problem where a dimension is smaller than the tile (a rank-16 product does not get a 128-wide
+tile). Nothing about tiles is decided anywhere else.
+
+Kinds of product (see ``lora_matmul.py`` for the products themselves):
+
+    frozen4     Y = X·Wᵀ / dX = dY·W with W decoded from 4 bits in the main loop
+    dense       the same over a dense fp16/bf16 W
+    lora        H = D(X)·Aᵀ, G = dY·B, dA, dB: fp32 products with one small dimension (the rank)
+    epilogue    the LoRA term + bias + mask on an output cuBLAS already holds (no main loop)
+    dequant     W [N, K] from 4 bits (``quant4.dequantize_4bit``): BLOCK elements per program
+
+Families: ``sm_90`` (Hopper, 227 KB shared memory per block), ``sm_80`` (A100, 163 KB), ``sm_8x``
+(sm_86 / sm_89 and any sm_8x-or-newer part with at most 99 KB per block: RTX 30xx/40xx, also sm_120
+consumer Blackwell), ``sm_75`` (Turing, 64 KB, fp16 only, no tensor-core lowering in Triton). A
+device is put in the family its compute capability *and* its shared memory per block allow.
+
+Every row is compiled for every target of its family by ``tests/test_gpu_targets.py`` (shared
+memory within the target's limit, zero spill bytes, tensor-core instructions where it multiplies
+16×16 tiles or more); ``fastlora inspect`` shows the same figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import triton
+
+from .targets import Target
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_j: int
+    block_i: int
+    num_warps: int
+    num_stages: int
+
+    def as_tuple(self):
+        return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
+
+
+KINDS = ("frozen4", "dense", "lora", "epilogue", "dequant")
+
+_C = TileConfig
+_INF = 1 << 62
+
+# (max_m, config) rows per kind; first row with M <= max_m wins. dequant rows: block_j = elements
+# per program (block_m / block_i unused, 1).
+TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
+    "sm_90": {
+        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 3)), (_INF, _C(128, 128, 64, 8, 3))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+    },
+    "sm_80": {
+        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 3)), (_INF, _C(128, 128, 64, 8, 3))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+    },
+    "sm_8x": {
+        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 2)), (_INF, _C(128, 64, 64, 4, 2))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+    },
+    "sm_75": {
+        # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
+        # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
+        "frozen4": [(_INF, _C(16, 64, 32, 4, 1))],
+        "dense": [(_INF, _C(32, 64, 32, 4, 1))],
+        "lora": [(_INF, _C(32, 32, 32, 4, 1))],
+        "epilogue": [(_INF, _C(32, 64, 16, 4, 1))],
+        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+    },
+}
+
+# under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
+# instances, which is all that costs time there
+INTERPRETER = _C(64, 64, 64, 4, 1)
+
+
+def family(target: Target) -> str:
+    """The table a target uses: by compute capability, then by what its shared memory allows."""
+    if target.cc < 80:
+        return "sm_75"
+    if target.cc >= 90 and target.smem_per_block >= 232448:
+        return "sm_90"
+    if target.smem_per_block >= 166912:
+        return "sm_80"
+    return "sm_8x"
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:
+    """The launch configuration of one product out[M, J] = Σ_i a[M, I]·T[I, J] on ``target``
+    (None: the interpreter's). Tiles are narrowed to the problem (never below 16, the smallest
+    tensor-core tile)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of product {kind!r}; one of {KINDS}")
+    if target is None:
+        c = INTERPRETER
+        if kind == "dequant":
+            return _C(1, 1024, 1, 4, 1)
+        return _C(_pow2_clamp(M, 16, c.block_m), _pow2_clamp(J, 16, c.block_j), _pow2_clamp(I, 16, c.block_i),
+                  c.num_warps, c.num_stages)
+    rows = TABLES[family(target)][kind]
+    c = next(cfg for max_m, cfg in rows if M <= max_m)
+    if kind == "dequant":
+        return c
+    bm = _pow2_clamp(M, 16, c.block_m)
+    bj = _pow2_clamp(J, 16, c.block_j)
+    bi = c.block_i if kind == "frozen4" else _pow2_clamp(I, 16, c.block_i)
+    return _C(bm, bj, bi, c.num_warps, c.num_stages)
