@@ -1,6 +1,8 @@
 """The ``fastlora`` command.
 
     fastlora bench {layer,train,report,all} [options]     the benchmarks of a source checkout
+    fastlora inspect [options]                           compile the kernels for GPU targets (no GPU
+                                                         needed) and report resources and a model
 
 The benchmarks live in the checkout's ``benchmarks/`` folder, not in the installed package: the
 command looks for them in ``$FASTLORA_REPO``, the current directory, then next to this package (an
@@ -16,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-USAGE = "usage: fastlora bench {layer,train,report,all} [options]   (fastlora bench -h for the options)"
+USAGE = ("usage: fastlora bench {layer,train,report,all} [options]   (fastlora bench -h for the options)\n"
+         "       fastlora inspect [options]                          (fastlora inspect -h for the options)")
 
 
 def _checkout() -> Optional[Path]:
@@ -31,6 +34,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] == "inspect":
+        # the kernels must be decorated as compiled functions, not the interpreter's: a process of
+        # its own, without TRITON_INTERPRET
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "fastlora.inspection", *argv[1:]], env=env)
     if argv[0] != "bench":
         print(f"fastlora: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2

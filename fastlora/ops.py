@@ -18,6 +18,7 @@ precision, as PEFT's fp32 adapters do under PyTorch's default (no TF32) matmul.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -54,8 +55,11 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, *
     if strategy == "fused":
         return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
                            round_base=round_base, **epilogue)
-    # autocast would re-cast the cuBLAS product; the dtypes here are explicit
-    with torch.autocast(device_type=a.device.type, enabled=False):
+    # autocast would re-cast the cuBLAS product; the dtypes here are explicit ("meta": fastlora
+    # inspect records the launches of a call on shape-only tensors, which autocast does not know)
+    no_autocast = (torch.autocast(device_type=a.device.type, enabled=False) if a.device.type != "meta"
+                   else contextlib.nullcontext())
+    with no_autocast:
         wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
         a_c = a.to(compute_dtype)
         wt = wd if trans_w else wd.t()

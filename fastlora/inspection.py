@@ -1,0 +1,619 @@
+"""``fastlora inspect``: what fastlora's kernels cost on a GPU, worked out on a machine without one.
+
+For a layer call (shape, tokens M, rank, dropout, dtype, 4-bit or dense, strategy, training step or
+inference) and a GPU target, this module
+
+1. **records** the launches the real op makes: :func:`fastlora.lora_linear` runs, forward and (for
+   a training step) backward, on ``meta`` tensors inside ``kernels._launch.recording(target)``; every
+   launcher picks its configuration for that target exactly as on the device, and the launch is
+   recorded instead of run (kernel, grid, arguments, keywords);
+2. **compiles** each distinct launch for the target through Triton's own JIT entry point
+   (``kernels._launch.compile_launch``: the argument specialization of a real launch, a stand-in
+   driver that reports the target), to PTX and a cubin, with the ptxas that ships in Triton's wheel;
+3. **reads** the cubin: shared memory (Triton's metadata) against the target's per-block limit,
+   registers and stack (spill) bytes (``cuobjdump --dump-resource-usage``), and the SASS
+   (``cuobjdump -sass``): tensor-core instructions (HMMA / HGMMA), global-load widths, and the main
+   loop — found as the backward branch whose body holds the most tensor-core instructions (the
+   longest body when none holds any) — with its instructions per decoded weight element;
+4. **models** the time: max(instruction issue, DRAM bytes / bandwidth, FLOPs / tensor peak), next to
+   the physical floor of the same call, max(bytes / bandwidth, FLOPs / peak). This is a static
+   *model* (every figure it prints is labelled so): it sees no latency, stalls, caches, clock
+   changes, or the inside of cuBLAS.
+
+The formulas (per launch; all figures of a target come from ``kernels.targets.TARGETS``):
+
+    programs      = product of the grid
+    resident      = programs per SM that fit at once = min(max blocks, max warps / warps,
+                    65536 / (regs·32·warps), smem per SM / shared)          (occupancy)
+    instr/program = SASS instructions outside the main loop + loop body × ceil(I / BLOCK_I)
+    issue time    = ceil(programs / SMs) · warps · instr/program / (min(4, warps·min(resident,
+                    ceil(programs/SMs))) · clock)                          (one warp-instr per scheduler-clock)
+    bytes         = every operand read once and the output written once (re-reads across programs
+                    assumed to hit L2): A M·I·e, W J·I·e (4-bit: J·I/2 + absmax), out M·J·e
+                    (twice when accumulated), LoRA factors, bias
+    FLOPs         = 2·M·J·I (+ 2·M·J·r for the LoRA epilogue)
+    tensor time   = FLOPs / (tensor peak of the compute dtype · min(1, programs / SMs)),
+                    only where the SASS has tensor-core instructions (FMA work is in the issue time)
+    floor         = max(bytes / bandwidth, FLOPs / peak), peak = tensor peak of the compute dtype
+                    (fp32 FMA peak for fp32 products)
+
+For the "dequant" strategy the frozen product runs in cuBLAS, which is modelled at its own floor
+(max(bytes / bandwidth, FLOPs / tensor peak) for the bf16/fp16 GEMM on the dequantized W).
+A step's floor: the frozen GEMMs at the tensor peak (4·M·N·K FLOPs for a training step, 2·M·N·K for
+inference) against the 4-bit weight read once per frozen GEMM (N·K/2 bytes + absmax) plus the
+activations it must move (X, Y; dY, dX); the larger of the two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .kernels import _launch
+from .kernels.quant4 import Packed4bit
+from .kernels.targets import DEFAULT_TARGETS, TARGETS, Target, get_target
+
+#: Llama-3-8B's projections as (N, K) = (out_features, in_features)
+LLAMA3_8B_SHAPES = {
+    "q_proj/o_proj": (4096, 4096),
+    "k_proj/v_proj": (1024, 4096),
+    "gate_proj/up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
+}
+DEFAULT_M = (1, 16, 256, 4096)
+MODEL = "model"   # the word every modelled figure carries
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_ELT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.uint8: 1, torch.int64: 8, torch.int8: 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the launches of one layer call, as the launchers make them
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One layer call to inspect."""
+
+    N: int
+    K: int
+    M: int
+    rank: int = 16
+    dropout: float = 0.05
+    dtype: str = "bf16"            # activations and compute dtype
+    quant: str = "nf4"             # "nf4", "fp4" or "dense"
+    nested: bool = True            # double-quantized absmax
+    blocksize: int = 64
+    strategy: str = "fused"        # "fused" or "dequant"
+    mode: str = "train"            # "train" (forward + backward) or "infer" (forward, no grad, no dropout)
+    shape_name: str = ""
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.quant != "dense"
+
+
+def _meta_packed(c: Call) -> Packed4bit:
+    n = c.N * c.K
+    blocks = -(-n // c.blocksize)
+    kw = dict(packed=torch.empty(-(-n // 2), dtype=torch.uint8, device="meta"), N=c.N, K=c.K,
+              blocksize=c.blocksize, code=torch.empty(16, device="meta"), quant_type=c.quant,
+              dtype=_DTYPES[c.dtype])
+    if c.nested:
+        kw.update(absmax=torch.empty(blocks, dtype=torch.uint8, device="meta"),
+                  absmax2=torch.empty(-(-blocks // 256), device="meta"), code2=torch.empty(256, device="meta"),
+                  offset=torch.empty(1, device="meta"))
+    else:
+        kw.update(absmax=torch.empty(blocks, device="meta"))
+    return Packed4bit(**kw)
+
+
+def _label(launch: _launch.Launch, c: Call, frozen) -> str:
+    """What a recorded launch computes, read off its arguments."""
+    if "dequant" in launch.name:
+        return "dequant W"
+    if "lora_matmul" not in launch.name:
+        return launch.name
+    a = dict(zip(launch.kernel.arg_names, launch.args))
+    a.update(launch.kwargs)
+    w, trans = a["w_ptr"], bool(a["TRANS_W"])
+    if w is frozen or a["IS_4BIT"]:
+        what = "dX" if trans else "Y"
+        return what + (" epilogue" if a["I"] == 0 else "")
+    J, M = a["J"], a["M"]
+    if not trans and J == c.rank:
+        return "H"
+    if trans and J == c.rank and M != c.N:
+        return "G"
+    if M == c.rank:
+        return "dA"
+    return "dB"
+
+
+def record_call(c: Call, target) -> List[_launch.Launch]:
+    """The launches one layer call makes on ``target``, in order, labelled (Y, H, dX, G, dA, dB, ...)."""
+    from .ops import lora_linear
+
+    target = get_target(target)
+    dt = _DTYPES[c.dtype]
+    train = c.mode == "train"
+    w = _meta_packed(c) if c.is_4bit else torch.empty(c.N, c.K, dtype=dt, device="meta")
+    x = torch.empty(c.M, c.K, dtype=dt, device="meta", requires_grad=train)
+    A = torch.empty(c.rank, c.K, device="meta", requires_grad=train)
+    B = torch.empty(c.N, c.rank, device="meta", requires_grad=train)
+    p = c.dropout if train else 0.0
+    with _launch.recording(target) as launches:
+        with torch.set_grad_enabled(train):
+            y = lora_linear(x, w, A, B, 2.0, dropout_p=p, compute_dtype=dt, strategy=c.strategy, seed=1)
+            if train:
+                y.backward(torch.empty_like(y))
+    frozen = w.packed if c.is_4bit else w
+    for L in launches:
+        L.label = _label(L, c, frozen)
+    return launches
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-3. compile for the target, read the cubin and the SASS
+# ----------------------------------------------------------------------------------------------
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{name} not found in Triton's wheel ({path})")
+    return path
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+@dataclass
+class Sass:
+    instructions: List[tuple]        # (address, opcode, operands)
+
+    @classmethod
+    def parse(cls, text: str) -> "Sass":
+        out = []
+        for line in text.splitlines():
+            m = _SASS_LINE.search(line)
+            if m:
+                out.append((int(m.group(1), 16), m.group(3), m.group(4).strip()))
+        return cls(out)
+
+    def count(self, pred, lo: int = 0, hi: int = 1 << 62) -> int:
+        return sum(1 for a, op, _ in self.instructions if lo <= a <= hi and pred(op))
+
+    def loops(self):
+        """(start, end) address of every backward branch's body."""
+        res = []
+        for a, op, rest in self.instructions:
+            if op.startswith("BRA"):
+                m = re.search(r"0x([0-9a-f]+)", rest)
+                if m and int(m.group(1), 16) < a:
+                    res.append((int(m.group(1), 16), a))
+        return res
+
+
+def is_mma(op: str) -> bool:
+    return op.startswith(("HMMA", "HGMMA", "IMMA"))
+
+
+def _load_width(op: str) -> int:
+    parts = op.split(".")
+    for p in parts[1:]:
+        if p in ("128", "64"):
+            return int(p)
+        if p in ("U8", "S8"):
+            return 8
+        if p in ("U16", "S16"):
+            return 16
+    return 32
+
+
+@dataclass
+class KernelFacts:
+    """What the compiler made of one launch on one target (cubin + SASS)."""
+
+    compiled: bool
+    error: Optional[str] = None
+    shared: int = 0
+    registers: int = 0
+    stack: int = 0
+    local: int = 0
+    num_warps: int = 0
+    num_stages: int = 0
+    sass_instructions: int = 0
+    mma: int = 0
+    mma_in_loop: int = 0
+    ldg_widths: Dict[str, int] = field(default_factory=dict)
+    loop_instructions: int = 0
+    loop_found: str = ""
+
+
+_FACTS_CACHE: Dict[tuple, KernelFacts] = {}
+
+
+def kernel_facts(launch: _launch.Launch, target) -> KernelFacts:
+    """Compile ``launch`` for ``target`` and read its resources and SASS (cached per compiled kernel)."""
+    target = get_target(target)
+    try:
+        ck = _launch.compile_launch(launch, target)
+    except Exception as e:  # the compiler's own error is the answer
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()
+        return KernelFacts(compiled=False, error=" | ".join(msg[:3])[:400])
+    key = (target.name, ck.hash)
+    if key in _FACTS_CACHE:
+        return _FACTS_CACHE[key]
+    md = ck.metadata
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        res = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", cubin],
+                             capture_output=True, text=True, check=True).stdout
+        sass_text = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin],
+                                   capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", res)
+    regs, stack, _, local = (int(g) for g in m.groups())
+    sass = Sass.parse(sass_text)
+    widths: Dict[str, int] = {}
+    for _, op, _ in sass.instructions:
+        if op.startswith(("LDG", "LDGSTS")):
+            k = ("LDGSTS" if op.startswith("LDGSTS") else "LDG") + f".{_load_width(op)}"
+            widths[k] = widths.get(k, 0) + 1
+    loops = sass.loops()
+    loop_n, loop_mma, how = 0, 0, "no loop"
+    if loops:
+        scored = [(sass.count(is_mma, lo, hi), sass.count(lambda o: True, lo, hi), lo, hi) for lo, hi in loops]
+        best = max(scored, key=lambda s: (s[0], s[1]))
+        loop_mma, loop_n, lo, hi = best
+        how = (f"backward BRA at {hi:#x} to {lo:#x}: the loop body with the most tensor-core instructions "
+               f"({loop_mma})" if loop_mma else f"backward BRA at {hi:#x} to {lo:#x}: the longest loop body "
+                                                 "(no tensor-core instructions in any loop)")
+    facts = KernelFacts(
+        compiled=True, shared=int(md.shared), registers=regs, stack=stack, local=local,
+        num_warps=int(md.num_warps), num_stages=int(md.num_stages), sass_instructions=len(sass.instructions),
+        mma=sass.count(is_mma), mma_in_loop=loop_mma, ldg_widths=dict(sorted(widths.items())),
+        loop_instructions=loop_n, loop_found=how,
+    )
+    _FACTS_CACHE[key] = facts
+    return facts
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the speed-of-light model
+# ----------------------------------------------------------------------------------------------
+
+
+def _nbytes(t) -> int:
+    return t.numel() * _ELT.get(t.dtype, t.element_size()) if isinstance(t, torch.Tensor) else 0
+
+
+def _launch_work(launch: _launch.Launch, c: Call):
+    """(FLOPs, DRAM bytes, decoded weights, trips of the main loop, compute dtype) of one launch."""
+    a = dict(zip(launch.kernel.arg_names, launch.args))
+    a.update(launch.kwargs)
+    if "dequant" in launch.name:
+        numel = a["numel"]
+        out = a["out_ptr"]
+        absmax = _nbytes(a["absmax_ptr"]) + (_nbytes(a["absmax2_ptr"]) if a.get("NESTED") else 0)
+        return 0, -(-numel // 2) + absmax + numel * out.element_size(), numel, 1, None
+    M, J, I, rank = a["M"], a["J"], a["I"], a["rank"]
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        str(a["COMPUTE"]).replace("tl.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+        .replace("float16", "fp16"), torch.float32)
+    out = a["out_ptr"]
+    byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
+    flops = 0
+    decoded = 0
+    if I > 0:
+        flops += 2 * M * J * I
+        byts += M * I * a["a_ptr"].element_size()
+        if a["IS_4BIT"]:
+            decoded = I * J
+            blocks = -(-decoded // a["BLOCKSIZE"])
+            byts += decoded // 2 + (blocks + -(-blocks // 256) * 4 if a["NESTED"] else blocks * 4)
+        else:
+            byts += I * J * a["w_ptr"].element_size()
+    if a["HAS_LORA"]:
+        flops += 2 * M * J * rank
+        byts += M * rank * a["l_ptr"].element_size() + rank * J * a["r_ptr"].element_size()
+    if a["HAS_BIAS"]:
+        byts += J * a["bias_ptr"].element_size()
+    trips = -(-I // a["BLOCK_I"]) if I > 0 else 0
+    return flops, byts, decoded, trips, compute
+
+
+def _occupancy(f: KernelFacts, t: Target) -> int:
+    warps = max(1, f.num_warps)
+    regs = max(1, -(-max(f.registers, 1) // 8) * 8)
+    by_regs = t.regs_per_sm // (regs * 32 * warps)
+    by_smem = t.smem_per_sm // f.shared if f.shared else t.max_blocks_per_sm
+    return max(0, min(t.max_blocks_per_sm, t.max_warps_per_sm // warps, by_regs, by_smem))
+
+
+@dataclass
+class LaunchReport:
+    label: str
+    kernel: str
+    grid: List[int]
+    programs: int
+    config: Dict[str, int]
+    facts: KernelFacts
+    fits: bool
+    smem_limit: int
+    resident_per_sm: int
+    flops: int
+    bytes: int
+    instr_per_weight: Optional[float]   # thread-instructions per decoded weight in the main loop
+    issue_us: float
+    dram_us: float
+    tensor_us: float
+    model_us: float                      # max of the three: a model, not a measurement
+    floor_us: float
+
+
+def model_launch(launch: _launch.Launch, c: Call, t: Target, f: KernelFacts) -> LaunchReport:
+    flops, byts, decoded, trips, compute = _launch_work(launch, c)
+    kw = launch.kwargs
+    programs = launch.programs
+    occ = _occupancy(f, t) if f.compiled else 0
+    per_sm = -(-programs // t.sms)
+    warps = max(1, f.num_warps or kw.get("num_warps", 4))
+    other = max(0, f.sass_instructions - f.loop_instructions)
+    instr_pp = other + f.loop_instructions * trips if "lora_matmul" in launch.name else f.sass_instructions
+    sched = min(t.schedulers_per_sm, warps * max(1, min(occ or 1, per_sm)))
+    issue = per_sm * warps * instr_pp / (sched * t.clock_ghz * 1e9)
+    dram = byts / (t.dram_gbs * 1e9)
+    peak = t.tensor_tflops(compute) if compute is not None else None
+    if f.mma and peak:
+        tensor = flops / (peak * 1e12 * min(1.0, programs / t.sms))
+    else:
+        tensor = 0.0
+    floor_peak = (peak if peak else t.fp32_tflops) * 1e12
+    floor = max(dram, flops / floor_peak)
+    ipw = None
+    if decoded and f.loop_instructions and "lora_matmul" in launch.name:
+        ipw = f.loop_instructions * warps * 32 / (kw["BLOCK_I"] * kw["BLOCK_J"])
+    elif decoded and "dequant" in launch.name:
+        ipw = f.sass_instructions * warps * 32 / kw["BLOCK"]
+    cfg = {k: kw[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_I", "BLOCK", "num_warps", "num_stages") if k in kw}
+    return LaunchReport(
+        label=launch.label or launch.name, kernel=launch.name, grid=list(launch.grid), programs=programs,
+        config=cfg, facts=f, fits=f.compiled and f.shared <= t.smem_per_block and f.stack == 0 and f.local == 0,
+        smem_limit=t.smem_per_block, resident_per_sm=occ, flops=flops, bytes=byts, instr_per_weight=ipw,
+        issue_us=issue * 1e6, dram_us=dram * 1e6, tensor_us=tensor * 1e6,
+        model_us=max(issue, dram, tensor) * 1e6, floor_us=floor * 1e6,
+    )
+
+
+@dataclass
+class CallReport:
+    call: Call
+    target: str
+    launches: List[LaunchReport]
+    cublas_us: float          # the cuBLAS GEMMs of the dequant strategy, modelled at their floor
+    model_us: float           # Σ launches + cuBLAS: a model
+    compute_floor_us: float
+    memory_floor_us: float
+
+    @property
+    def floor_us(self) -> float:
+        return max(self.compute_floor_us, self.memory_floor_us)
+
+    @property
+    def ok(self) -> bool:
+        return all(L.fits for L in self.launches)
+
+
+def _gemm_floor(M, N, K, dt, t: Target) -> float:
+    peak = t.tensor_tflops(dt) or t.fp32_tflops
+    return max(2 * M * N * K / (peak * 1e12), (M * K + N * K + M * N) * 2 / (t.dram_gbs * 1e9))
+
+
+def inspect_call(c: Call, target) -> CallReport:
+    """Record, compile, read and model one layer call on ``target``."""
+    t = get_target(target)
+    launches = record_call(c, t)
+    reports = [model_launch(L, c, t, kernel_facts(L, t)) for L in launches]
+    dt = _DTYPES[c.dtype]
+    gemms = 2 if c.mode == "train" else 1
+    cublas = gemms * _gemm_floor(c.M, c.N, c.K, dt, t) if c.strategy == "dequant" else 0.0
+    peak = (t.tensor_tflops(dt) or t.fp32_tflops) * 1e12
+    compute_floor = gemms * 2 * c.M * c.N * c.K / peak
+    wbytes = c.N * c.K / 2 + c.N * c.K / c.blocksize * (1 if c.nested else 4) if c.is_4bit else c.N * c.K * 2
+    act = (c.M * c.K + c.M * c.N) * 2
+    memory_floor = gemms * (wbytes + act) / (t.dram_gbs * 1e9)
+    return CallReport(c, t.name, reports, cublas * 1e6, sum(r.model_us for r in reports) + cublas * 1e6,
+                      compute_floor * 1e6, memory_floor * 1e6)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+def kernels_compilable() -> bool:
+    """False when the kernels were decorated for the CPU interpreter (then inspect needs a new process)."""
+    from triton.runtime.jit import JITFunction
+
+    from .kernels import lora_matmul
+
+    return isinstance(lora_matmul._lora_matmul_kernel, JITFunction)
+
+
+def calls_for(shapes: Dict[str, tuple], ms: Sequence[int], *, rank=16, dropout=0.05, dtype="bf16", quant="nf4",
+              nested=True, strategies=("fused", "dequant"), modes=("train", "infer")) -> List[Call]:
+    return [Call(N, K, M, rank, dropout, dtype, quant, nested, 64, s, mode, name)
+            for name, (N, K) in shapes.items() for M in ms for s in strategies for mode in modes]
+
+
+def run(calls: Sequence[Call], targets: Sequence[str]) -> List[CallReport]:
+    """Inspect ``calls`` on ``targets``. In a process whose kernels run in Triton's interpreter this
+    starts a fresh process without TRITON_INTERPRET and returns its answer."""
+    if not kernels_compilable():
+        return _run_elsewhere(calls, targets)
+    out = []
+    for tname in targets:  # target-major: the JIT re-binds per target
+        for c in calls:
+            if c.dtype == "bf16" and not get_target(tname).has_bf16:
+                continue
+            out.append(inspect_call(c, tname))
+    return out
+
+
+def _run_elsewhere(calls, targets) -> List[CallReport]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets)})
+    proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fastlora inspect worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [_report_from_dict(d) for d in json.loads(proc.stdout)]
+
+
+def report_to_dict(r: CallReport) -> dict:
+    d = asdict(r)
+    d["floor_us"] = r.floor_us
+    d["ok"] = r.ok
+    d["note"] = "model_us, floor_us, issue_us, dram_us, tensor_us are a static speed-of-light model, not measurements"
+    return d
+
+
+def _report_from_dict(d: dict) -> CallReport:
+    launches = []
+    for L in d["launches"]:
+        L = dict(L)
+        L["facts"] = KernelFacts(**L["facts"])
+        launches.append(LaunchReport(**L))
+    return CallReport(Call(**d["call"]), d["target"], launches, d["cublas_us"], d["model_us"],
+                      d["compute_floor_us"], d["memory_floor_us"])
+
+
+def _fmt_us(x: float) -> str:
+    return f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
+    lines = []
+    for tname in dict.fromkeys(r.target for r in reports):
+        t = TARGETS.get(tname) or get_target(tname)
+        lines.append(f"\n== {tname} ({t.gpu}: {t.sms} SMs, {t.clock_ghz} GHz, {t.dram_gbs:,.0f} GB/s, "
+                     f"{t.tensor_tflops_bf16 or '-'} / {t.tensor_tflops_fp16} TFLOP/s bf16/fp16 tensor, "
+                     f"{t.smem_per_block:,} B shared/block)")
+        if detail:
+            lines.append(f"{'call':44} {'kernel':13} {'fits':5} {'shared':>15} {'reg':>4} {'spill':>5} "
+                         f"{'w/s':>4} {'grid':>6} {'occ':>3} {'mma':>4} {'ldg widths':18} {'i/wt':>5} "
+                         f"{'model µs':>9} {'floor µs':>9}")
+        for r in (r for r in reports if r.target == tname):
+            c = r.call
+            name = (f"{c.shape_name or f'{c.N}x{c.K}'} M={c.M} {c.strategy} {c.mode}"
+                    f"{'' if c.quant != 'dense' else ' dense'}")
+            if detail:
+                for L in r.launches:
+                    f = L.facts
+                    if not f.compiled:
+                        lines.append(f"{name:44} {L.label:13} ERROR {f.error}")
+                        continue
+                    ldg = ",".join(f"{k.split('.')[0][3:] or ''}{k.split('.')[1]}×{v}" for k, v in f.ldg_widths.items())
+                    ipw = f"{L.instr_per_weight:.1f}" if L.instr_per_weight is not None else "-"
+                    lines.append(
+                        f"{name:44} {L.label:13} {'yes' if L.fits else 'NO':5} "
+                        f"{f.shared:>7,}/{L.smem_limit:<7,} {f.registers:>4} {f.stack + f.local:>5} "
+                        f"{f.num_warps:>2}/{f.num_stages:<1} {L.programs:>6} {L.resident_per_sm:>3} {f.mma:>4} "
+                        f"{ldg[:18]:18} {ipw:>5} {_fmt_us(L.model_us):>9} {_fmt_us(L.floor_us):>9}")
+            extra = f" + cuBLAS {_fmt_us(r.cublas_us)} µs at its floor" if r.cublas_us else ""
+            lines.append(f"{name:44} STEP ({MODEL}): {_fmt_us(r.model_us)} µs{extra}; floor "
+                         f"{_fmt_us(r.floor_us)} µs (compute {_fmt_us(r.compute_floor_us)}, memory "
+                         f"{_fmt_us(r.memory_floor_us)}) -> {r.model_us / r.floor_us:.2f}× floor; "
+                         f"{'all kernels fit, no spills' if r.ok else 'SOME KERNEL DOES NOT FIT OR SPILLS'}")
+    lines.append(f"\nEvery µs figure above is a static speed-of-light {MODEL} (see fastlora/inspection.py), "
+                 "not a measurement.")
+    return "\n".join(lines)
+
+
+def _parse_shapes(items: Optional[Sequence[str]]) -> Dict[str, tuple]:
+    if not items:
+        return dict(LLAMA3_8B_SHAPES)
+    shapes = {}
+    for s in items:
+        try:
+            n, k = (int(v) for v in s.lower().replace("x", ",").split(","))
+        except ValueError:
+            raise SystemExit(f"fastlora inspect: --shapes takes N,K pairs (out,in features), got {s!r}")
+        if n <= 0 or k <= 0:
+            raise SystemExit(f"fastlora inspect: shape {s!r} must be positive")
+        shapes[f"{n}x{k}"] = (n, k)
+    return shapes
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="fastlora inspect", description=(
+        "Compile fastlora's kernels for GPU targets (no GPU needed) and report shared memory, registers, "
+        "spills, tensor-core use, instructions per decoded weight and a static speed-of-light model."))
+    ap.add_argument("--shapes", nargs="*", help="N,K pairs (out_features,in_features); default: Llama-3-8B projections")
+    ap.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="token counts M, comma separated")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    ap.add_argument("--quant", choices=("nf4", "fp4", "dense"), default="nf4")
+    ap.add_argument("--no-double-quant", action="store_true", help="plain fp32 absmax instead of double quant")
+    ap.add_argument("--strategy", choices=("fused", "dequant", "both"), default="both")
+    ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    ap.add_argument("--arch", default=",".join(DEFAULT_TARGETS), help="targets, comma separated (sm_75,...,sm_90)")
+    ap.add_argument("--summary", action="store_true", help="one line per call and target, no per-kernel rows")
+    ap.add_argument("--json", metavar="PATH", help="also write the full report as JSON ('-' for stdout only)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        payload = json.loads(sys.stdin.read())
+        reports = run([Call(**c) for c in payload["calls"]], payload["targets"])
+        sys.stdout.write(json.dumps([report_to_dict(r) for r in reports]))
+        return 0
+    try:
+        ms = [int(v) for v in args.m.split(",") if v.strip()]
+        targets = [get_target(a).name for a in args.arch.split(",") if a.strip()]
+    except ValueError as e:
+        raise SystemExit(f"fastlora inspect: {e}")
+    if any(m <= 0 for m in ms):
+        raise SystemExit("fastlora inspect: --m values must be positive")
+    calls = calls_for(_parse_shapes(args.shapes), ms, rank=args.rank, dropout=args.dropout, dtype=args.dtype,
+                      quant=args.quant, nested=not args.no_double_quant,
+                      strategies=("fused", "dequant") if args.strategy == "both" else (args.strategy,),
+                      modes=("train", "infer") if args.mode == "both" else (args.mode,))
+    skipped = [t for t in targets if args.dtype == "bf16" and not get_target(t).has_bf16]
+    reports = run(calls, targets)
+    if args.json != "-":
+        print(format_reports(reports, detail=not args.summary))
+        for t in skipped:
+            print(f"{t}: no bf16 support (compute capability < 8.0): fastlora falls back to PEFT there; "
+                  f"inspect with --dtype fp16")
+    if args.json:
+        text = json.dumps({"targets": {t: TARGETS[t].as_dict() for t in targets if t in TARGETS},
+                           "reports": [report_to_dict(r) for r in reports]}, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as fh:
+                fh.write(text)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.exit(main())
