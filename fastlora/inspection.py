@@ -424,11 +424,8 @@ def _gemm_floor(M, N, K, dt, t: Target) -> float:
     return max(2 * M * N * K / (peak * 1e12), (M * K + N * K + M * N) * 2 / (t.dram_gbs * 1e9))
 
 
-def inspect_call(c: Call, target) -> CallReport:
-    """Record, compile, read and model one layer call on ``target``."""
-    t = get_target(target)
-    launches = record_call(c, t)
-    reports = [model_launch(L, c, t, kernel_facts(L, t)) for L in launches]
+def _call_report(c: Call, t: Target, launches, facts: Sequence[KernelFacts]) -> CallReport:
+    reports = [model_launch(L, c, t, f) for L, f in zip(launches, facts)]
     dt = _DTYPES[c.dtype]
     gemms = 2 if c.mode == "train" else 1
     cublas = gemms * _gemm_floor(c.M, c.N, c.K, dt, t) if c.strategy == "dequant" else 0.0
@@ -439,6 +436,28 @@ def inspect_call(c: Call, target) -> CallReport:
     memory_floor = gemms * (wbytes + act) / (t.dram_gbs * 1e9)
     return CallReport(c, t.name, reports, cublas * 1e6, sum(r.model_us for r in reports) + cublas * 1e6,
                       compute_floor * 1e6, memory_floor * 1e6)
+
+
+def inspect_call(c: Call, target) -> CallReport:
+    """Record, compile, read and model one layer call on ``target``."""
+    t = get_target(target)
+    launches = record_call(c, t)
+    return _call_report(c, t, launches, [kernel_facts(L, t) for L in launches])
+
+
+def _spec_key(launch: _launch.Launch, t: Target) -> tuple:
+    """Identifies what Triton compiles for a launch: target, kernel, argument specialization, keywords."""
+    spec = _launch.specialization(launch, t)
+    return (t.name, launch.name, repr(sorted(spec.items())),
+            repr(sorted((k, str(v)) for k, v in launch.kwargs.items())))
+
+
+_POOL_JOBS: list = []
+
+
+def _facts_job(i: int) -> KernelFacts:
+    t, launch = _POOL_JOBS[i]
+    return kernel_facts(launch, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,23 +480,47 @@ def calls_for(shapes: Dict[str, tuple], ms: Sequence[int], *, rank=16, dropout=0
             for name, (N, K) in shapes.items() for M in ms for s in strategies for mode in modes]
 
 
-def run(calls: Sequence[Call], targets: Sequence[str]) -> List[CallReport]:
-    """Inspect ``calls`` on ``targets``. In a process whose kernels run in Triton's interpreter this
-    starts a fresh process without TRITON_INTERPRET and returns its answer."""
+def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None) -> List[CallReport]:
+    """Inspect ``calls`` on ``targets``: each distinct specialization is compiled once, ``jobs``
+    compiles at a time (default: the CPU count). In a process whose kernels run in Triton's
+    interpreter this starts a fresh process without TRITON_INTERPRET and returns its answer."""
     if not kernels_compilable():
-        return _run_elsewhere(calls, targets)
-    out = []
-    for tname in targets:  # target-major: the JIT re-binds per target
+        return _run_elsewhere(calls, targets, jobs)
+    recorded = []                      # (call, target, launches, keys)
+    distinct: Dict[tuple, tuple] = {}  # key -> (target, launch)
+    for tname in targets:
+        t = get_target(tname)
         for c in calls:
-            if c.dtype == "bf16" and not get_target(tname).has_bf16:
+            if c.dtype == "bf16" and not t.has_bf16:
                 continue
-            out.append(inspect_call(c, tname))
-    return out
+            launches = record_call(c, t)
+            keys = [_spec_key(L, t) for L in launches]
+            for k, L in zip(keys, launches):
+                distinct.setdefault(k, (t, L))
+            recorded.append((c, t, launches, keys))
+    order = list(distinct)
+    jobs = jobs or os.cpu_count() or 1
+    global _POOL_JOBS
+    _POOL_JOBS = [distinct[k] for k in order]
+    try:
+        if jobs > 1 and len(order) > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            # fork: the workers inherit the recorded launches (kernels and meta tensors do not pickle)
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as ex:
+                facts = list(ex.map(_facts_job, range(len(order)), chunksize=1))
+        else:
+            facts = [_facts_job(i) for i in range(len(order))]
+    finally:
+        _POOL_JOBS = []
+    by_key = dict(zip(order, facts))
+    return [_call_report(c, t, launches, [by_key[k] for k in keys]) for c, t, launches, keys in recorded]
 
 
-def _run_elsewhere(calls, targets) -> List[CallReport]:
+def _run_elsewhere(calls, targets, jobs=None) -> List[CallReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets)})
+    payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -582,7 +625,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         payload = json.loads(sys.stdin.read())
-        reports = run([Call(**c) for c in payload["calls"]], payload["targets"])
+        reports = run([Call(**c) for c in payload["calls"]], payload["targets"], payload.get("jobs"))
         sys.stdout.write(json.dumps([report_to_dict(r) for r in reports]))
         return 0
     try:

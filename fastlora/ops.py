@@ -25,6 +25,7 @@ import torch
 
 from .format import from_bnb
 from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul, seed_tensor
+from .kernels._launch import launch_target
 from .kernels.quant4 import Packed4bit, dequantize_4bit
 
 STRATEGIES = ("fused", "dequant")
@@ -37,11 +38,25 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DEQUANT_MIN_TOKENS = 1024
 
 
-def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device) -> str:
+def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device, target=None) -> str:
     """The one rule that picks a strategy for a layer call (see DEQUANT_MIN_TOKENS). For a dense base,
-    "dequant" means cuBLAS on the weight as it is. N, K, quantized and device are part of the
-    signature so that a measured per-shape, per-device table can replace the threshold."""
+    "dequant" means cuBLAS on the weight as it is. ``target`` (a ``kernels.targets.Target``) defaults
+    to the device's (``kernels._launch.launch_target``): below compute capability 8.0 Triton lowers
+    ``tl.dot`` to FMA instructions (no tensor cores), so there the frozen product always goes to cuBLAS."""
+    if target is None:
+        target = launch_target(device)
+    if target is not None and target.cc < 80:
+        return "dequant"
     return "fused" if M < DEQUANT_MIN_TOKENS else "dequant"
+
+
+def _check_target_dtype(device, compute_dtype, x_dtype) -> None:
+    """bf16 needs compute capability 8.0 (no bf16 tensor cores before Ampere; torch reports
+    ``is_bf16_supported() == False`` there and bitsandbytes' bf16 compute is not supported either)."""
+    target = launch_target(device)
+    if target is not None and not target.has_bf16 and torch.bfloat16 in (compute_dtype, x_dtype):
+        raise TypeError(f"bfloat16 is not supported on {target.name} ({target.gpu}): compute capability 8.0 or "
+                        "newer is needed; use float16 (fp16=True in the Trainer, bnb_4bit_compute_dtype=float16)")
 
 
 def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, **epilogue):
@@ -212,6 +227,7 @@ def lora_linear(
     if compute_dtype is None:
         compute_dtype = x.dtype if isinstance(w, Packed4bit) else w.dtype
     _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, float(dropout_p), strategy)
+    _check_target_dtype(x.device, compute_dtype, x.dtype)
     scaling = float(scaling)
     dropout_p = float(dropout_p)
     lead = x.shape[:-1]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -195,15 +196,32 @@ def compile_launch(launch_: Launch, target):
         )
     gpu = GPUTarget("cuda", target.cc, 32)
     prev = driver._active
+    # the JIT keeps its binder (and with it the target) per device index: give it a set of caches of
+    # this target's own, and put the device's back after, so a real GPU in the same process never
+    # launches what was compiled for another target
+    own = kernel.device_caches
+    per_target = kernel.__dict__.setdefault("_fastlora_target_caches", {})
+    kernel.device_caches = per_target.setdefault(gpu.arch, defaultdict(kernel.create_binder))
     driver.set_active(_TargetDriver(gpu))
-    # the JIT caches its binder (and so the target) per device index: drop it when the target changes
-    if getattr(kernel, "_fastlora_target", None) != gpu:
-        kernel.device_caches.clear()
-        kernel._fastlora_target = gpu
     try:
         return kernel.warmup(*launch_.args, grid=launch_.grid, **launch_.kwargs)
     finally:
         driver._active = prev
+        kernel.device_caches = own
+
+
+_TWINS: dict = {}
+
+
+def _jit_twin(kernel):
+    fn = getattr(kernel, "fn", None)
+    if fn is None:
+        raise RuntimeError(f"{kernel!r} is not a Triton kernel")
+    if fn not in _TWINS:
+        from triton.runtime.jit import JITFunction
+
+        _TWINS[fn] = JITFunction(fn)
+    return _TWINS[fn]
 
 
 def specialization(launch_: Launch, target) -> dict:
@@ -211,16 +229,15 @@ def specialization(launch_: Launch, target) -> dict:
     its type ("*bf16", "i32", "constexpr", ...) and attribute (e.g. "D" = divisible by 16)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     kernel = launch_.kernel
-    fn = getattr(kernel, "fn", None)
-    params = getattr(kernel, "params", None)
-    if params is None:
-        raise RuntimeError(f"{launch_.name}: not a Triton JIT function")
+    if not isinstance(kernel, JITFunction):
+        # the interpreter's wrapper of the same Python function: its JIT twin specializes the same way
+        kernel = _jit_twin(kernel)
+    params = kernel.params
     backend = make_backend(GPUTarget("cuda", get_target(target).cc, 32))
     binder = create_function_from_signature(kernel.signature, params, backend)
     _, spec, _ = binder(*launch_.args, **launch_.kwargs)
     names = [p.name for p in params]
-    del fn
     return {n: tuple(s) if isinstance(s, (tuple, list)) else s for n, s in zip(names, spec)}

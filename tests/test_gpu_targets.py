@@ -1,0 +1,360 @@
+"""Every kernel fastlora launches fits and does not spill on every GPU a QLoRA user has — checked
+without a GPU, by compiling what the launchers launch for each target (``fastlora.inspection``).
+
+The matrix: the Llama-3-8B projections, M ∈ {1, 16, 256, 4096}, a training step (forward + backward)
+and inference, both strategies, dropout on and off, double-quant and plain absmax, bf16 and fp16, on
+sm_80, sm_86, sm_89 and sm_90, and fp16 on sm_75. Shapes that give the same argument specialization
+share one compile (all four projections do: every dimension is a multiple of 16), so the cost is one
+compile per distinct specialization, spread over the CPU's cores, in one worker process (the kernels
+must be decorated as compiled functions there, not as the interpreter's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastlora import inspection as ins
+from fastlora.kernels import _launch, configs
+from fastlora.kernels.targets import TARGETS, device_target, get_target
+
+GPU_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
+
+
+def _matrix_calls(dtypes):
+    calls = []
+    for dtype in dtypes:
+        for nested in (True, False):
+            for dropout in (0.0, 0.05):
+                calls += ins.calls_for(ins.LLAMA3_8B_SHAPES, ins.DEFAULT_M, dtype=dtype, nested=nested,
+                                       dropout=dropout)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    """{target: [CallReport]} for the whole matrix (one worker process, one compile per specialization)."""
+    reports = ins.run(_matrix_calls(("bf16", "fp16")), GPU_TARGETS)
+    reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",))
+    out = {}
+    for r in reports:
+        out.setdefault(r.target, []).append(r)
+    return out
+
+
+def _where(r, L):
+    c = r.call
+    return (f"{r.target} {c.shape_name} M={c.M} {c.strategy} {c.mode} {c.dtype} "
+            f"{'nested' if c.nested else 'plain'} p={c.dropout} {L.label} {L.config}")
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS + ("sm_75",))
+def test_every_launch_compiles_fits_and_does_not_spill(matrix, target):
+    reports = matrix[target]
+    dtypes = {r.call.dtype for r in reports}
+    assert dtypes == ({"fp16"} if target == "sm_75" else {"bf16", "fp16"})
+    assert {r.call.M for r in reports} == set(ins.DEFAULT_M)
+    limit = TARGETS[target].smem_per_block
+    bad = []
+    n = 0
+    for r in reports:
+        for L in r.launches:
+            n += 1
+            f = L.facts
+            if not f.compiled:
+                bad.append(f"{_where(r, L)}: does not compile: {f.error}")
+            elif f.shared > limit:
+                bad.append(f"{_where(r, L)}: {f.shared:,} B shared > {limit:,}")
+            elif f.stack or f.local:
+                bad.append(f"{_where(r, L)}: spills ({f.stack} B stack, {f.local} B local, {f.registers} regs)")
+    assert n > 0
+    assert not bad, f"{len(bad)} of {n} launches on {target} fail:\n" + "\n".join(sorted(set(bad))[:40])
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_tile_products_use_tensor_cores(matrix, target):
+    """Where a kernel multiplies bf16/fp16 tiles of 16×16 or more (the frozen product's main loop, the
+    one with the 4-bit decode), its main loop holds tensor-core instructions (HMMA, or HGMMA on
+    sm_90). The adapter products run in fp32 with IEEE precision (PEFT's fp32 adapters), which tensor
+    cores do not compute: they are FMA work by design."""
+    bad = []
+    for r in matrix[target]:
+        for L in r.launches:
+            if L.label in ("Y", "dX"):
+                assert L.config["BLOCK_J"] >= 16 and L.config["BLOCK_I"] >= 16
+                if L.facts.mma_in_loop == 0:
+                    bad.append(f"{_where(r, L)}: no tensor-core instruction in the main loop ({L.facts.loop_found})")
+    assert not bad, "\n".join(sorted(set(bad))[:20])
+
+
+def test_sm75_frozen_product_goes_to_cublas(matrix):
+    """On a T4 Triton lowers tl.dot to FMA: the automatic strategy sends the frozen product to cuBLAS
+    (dequant + addmm), at every M."""
+    from fastlora.ops import choose_strategy
+
+    for M in (1, 16, 256, 4096):
+        assert choose_strategy(M, 4096, 4096, True, torch.device("cpu"), target=get_target("sm_75")) == "dequant"
+    # and what the fused kernels would compile to there really has no tensor-core instruction
+    fused = [L for r in matrix["sm_75"] for L in r.launches if L.label in ("Y", "dX")]
+    assert fused and all(L.facts.mma == 0 for L in fused)
+
+
+def test_model_labelled_and_floor_sane(matrix):
+    for r in matrix["sm_90"]:
+        assert r.floor_us > 0 and r.model_us >= r.floor_us * 0.999, (r.call, r.model_us, r.floor_us)
+        for L in r.launches:
+            assert L.model_us >= L.floor_us * 0.999 - 1e-9, (L.label, L.model_us, L.floor_us)
+
+
+# ----------------------------------------------------------------------------------------------
+# what is compiled is what a launch compiles
+# ----------------------------------------------------------------------------------------------
+
+
+def _record(device, target="sm_89", M=16, N=256, K=512, strategy="fused"):
+    """The launches of one training step with real tensors on ``device`` (recorded, not run)."""
+    g = torch.Generator().manual_seed(0)
+    from fastlora.kernels.quant4 import Packed4bit
+
+    n = N * K
+    blocks = n // 64
+    q = Packed4bit(packed=torch.randint(0, 255, (n // 2,), generator=g, dtype=torch.uint8).to(device),
+                   N=N, K=K, blocksize=64, code=torch.randn(16, generator=g).to(device),
+                   absmax=torch.randint(0, 255, (blocks,), generator=g, dtype=torch.uint8).to(device),
+                   absmax2=torch.rand(-(-blocks // 256), generator=g).to(device),
+                   code2=torch.randn(256, generator=g).to(device), offset=torch.zeros(1).to(device))
+    x = torch.randn(M, K, generator=g).to(device=device, dtype=torch.bfloat16).requires_grad_()
+    A = (torch.randn(16, K, generator=g) * 0.1).to(device).requires_grad_()
+    B = (torch.randn(N, 16, generator=g) * 0.1).to(device).requires_grad_()
+    import fastlora
+
+    with _launch.recording(target) as launches:
+        y = fastlora.lora_linear(x, q, A, B, 2.0, dropout_p=0.05, compute_dtype=torch.bfloat16,
+                                 strategy=strategy, seed=3)
+        y.backward(torch.ones_like(y))
+    return launches
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+def test_meta_tensors_specialize_like_real_tensors(strategy):
+    """inspect records on meta tensors (no data); Triton's specialization of those launches (types,
+    16-byte divisibility of pointers and integers, integers equal to 1, constexprs) is the one it
+    computes for the same call on real tensors."""
+    real = _record("cpu", strategy=strategy)
+    c = ins.Call(256, 512, 16, dropout=0.05, strategy=strategy, mode="train")
+    meta = ins.record_call(c, "sm_89")
+    assert [L.name for L in real] == [L.name for L in meta]
+    for r, m in zip(real, meta):
+        sr, sm = _launch.specialization(r, "sm_89"), _launch.specialization(m, "sm_89")
+        assert sr == sm, {k: (sr[k], sm[k]) for k in sr if sr[k] != sm[k]}
+        assert r.grid == m.grid
+        assert {k: str(v) for k, v in r.kwargs.items()} == {k: str(v) for k, v in m.kwargs.items()}
+
+
+def test_specialization_sees_alignment_and_ones():
+    """The specialization is Triton's own: an integer that is a multiple of 16 is marked divisible,
+    one equal to 1 becomes a constant, a pointer at an odd offset loses its alignment attribute."""
+    real = _record("cpu", M=1)
+    spec = _launch.specialization(real[0], "sm_89")
+    assert spec["M"] == ("constexpr", 1)
+    assert spec["I"] == ("i32", "D")                       # K = 512
+    assert spec["a_ptr"] == ("*bf16", "D")
+    L = real[0]
+    args = list(L.args)
+    i = L.kernel.arg_names.index("a_ptr")
+    big = torch.zeros(args[i].numel() + 1, dtype=args[i].dtype)
+    args[i] = big[1:].view(args[i].shape)                  # 2-byte offset: not 16-byte aligned
+    odd = _launch.specialization(_launch.Launch(L.kernel, L.grid, tuple(args), L.kwargs), "sm_89")
+    assert odd["a_ptr"] == ("*bf16", "")                  # no "D"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with a real launch on this machine's GPU")
+def test_compiled_for_own_target_equals_real_launch():
+    """On a GPU: what compile_launch builds for the device's own target is the kernel a real launch
+    built (same Triton hash)."""
+    from triton import knobs
+
+    seen = []
+
+    def hook(*a, **kw):
+        seen.append(kw["compile"]["key"])
+        return False
+
+    target = device_target(torch.device("cuda"))
+    recorded = _record("cuda", target=target)
+    old = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        import fastlora  # noqa: F401
+        for L in recorded:
+            L.kernel[L.grid](*L.args, **L.kwargs)
+    finally:
+        knobs.runtime.jit_post_compile_hook = old
+    torch.cuda.synchronize()
+    own = {_launch.compile_launch(L, target).hash for L in recorded}
+    real = set()
+    for L in recorded:
+        for caches in L.kernel.device_caches.values():
+            real |= {k.hash for k in caches[0].values()}
+    assert own <= real
+
+
+# ----------------------------------------------------------------------------------------------
+# the configuration tables and the targets
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_family_has_every_kind_and_an_unbounded_row():
+    for fam, table in configs.TABLES.items():
+        assert set(table) == set(configs.KINDS), fam
+        for kind, rows in table.items():
+            assert rows[-1][0] >= 1 << 40, (fam, kind)
+            assert [m for m, _ in rows] == sorted(m for m, _ in rows), (fam, kind)
+
+
+def test_family_follows_capability_and_shared_memory():
+    assert configs.family(TARGETS["sm_75"]) == "sm_75"
+    assert configs.family(TARGETS["sm_80"]) == "sm_80"
+    assert configs.family(TARGETS["sm_86"]) == configs.family(TARGETS["sm_89"]) == "sm_8x"
+    assert configs.family(TARGETS["sm_90"]) == "sm_90"
+    # a newer consumer part with 99 KB per block gets the small-shared-memory table, not Hopper's
+    assert configs.family(replace(TARGETS["sm_90"], name="sm_120", cc=120, smem_per_block=101376)) == "sm_8x"
+    # an A100-class part that reports less shared memory (e.g. an A30-like 163 KB carve-out stays sm_80)
+    assert configs.family(replace(TARGETS["sm_80"], smem_per_block=101376)) == "sm_8x"
+
+
+def test_select_narrows_to_the_problem():
+    t = TARGETS["sm_90"]
+    c = configs.select("lora", 4096, 16, 4096, t)
+    assert c.block_j == 16
+    c = configs.select("frozen4", 1, 4096, 4096, t)
+    assert c.block_m == 16
+    assert configs.select("frozen4", 4096, 4096, 4096, t).block_m > 16
+    with pytest.raises(ValueError, match="unknown kind"):
+        configs.select("nope", 1, 1, 1, t)
+
+
+def test_get_target_names():
+    assert get_target("89") is TARGETS["sm_89"] and get_target(90) is TARGETS["sm_90"]
+    assert get_target("SM_80") is TARGETS["sm_80"]
+    with pytest.raises(ValueError, match="unknown GPU target 'sm_99'"):
+        get_target("sm_99")
+
+
+class _Props:
+    def __init__(self, major, minor, sms, smem, name):
+        self.major, self.minor, self.multi_processor_count = major, minor, sms
+        self.shared_memory_per_block_optin, self.name = smem, name
+        self.shared_memory_per_multiprocessor = smem + 1024
+
+
+def test_device_target_reads_the_device(monkeypatch):
+    """A device's own capability, SM count and shared memory; the per-chip figures of its entry, or of
+    the nearest older entry (named) for a capability the table lacks."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(8, 9, 76, 101376, "RTX 4080"))
+    t = device_target("cuda:0")
+    assert (t.name, t.sms, t.smem_per_block, t.figures_from, t.gpu) == ("sm_89", 76, 101376, None, "RTX 4080")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(12, 0, 84, 101376, "RTX 5090"))
+    t = device_target("cuda:0")
+    assert (t.name, t.cc, t.figures_from) == ("sm_120", 120, "sm_90")
+    assert configs.family(t) == "sm_8x"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(7, 5, 40, 65536, "Tesla T4"))
+    assert not device_target("cuda:0").has_bf16
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        device_target("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# the SASS reader and the model's formulas
+# ----------------------------------------------------------------------------------------------
+
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDG.E.U8 R8, desc[UR4][R2.64] ;
+        /*0030*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FFMA R3, R4, R5, R3 ;
+        /*0060*/                   FFMA R3, R4, R5, R3 ;
+        /*0070*/                   FFMA R3, R4, R5, R3 ;
+        /*0080*/              @!P1 BRA 0x50 ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_sass_reader_finds_the_mma_loop():
+    s = ins.Sass.parse(_SASS)
+    assert len(s.instructions) == 10
+    assert sorted(s.loops()) == [(0x20, 0x40), (0x50, 0x80)]
+    assert s.count(ins.is_mma) == 1
+    assert ins._load_width("LDG.E.128") == 128 and ins._load_width("LDG.E.U8") == 8
+    assert ins._load_width("LDG.E") == 32 and ins._load_width("LDG.E.64.CONSTANT") == 64
+
+
+def test_dequant_model_by_hand():
+    """The dequant kernel on sm_90 for a 4096×4096 NF4 double-quant weight, bf16 out: bytes are
+    N·K/2 (packed) + N·K/64 (uint8 absmax) + 4·N·K/64/256 (fp32 second level) + 2·N·K (out)."""
+    c = ins.Call(4096, 4096, 4096, strategy="dequant", mode="infer")
+    launches = ins.record_call(c, "sm_90")
+    deq = [L for L in launches if L.label == "dequant W"]
+    assert len(deq) == 1
+    flops, byts, decoded, _, _ = ins._launch_work(deq[0], c)
+    nk = 4096 * 4096
+    assert byts == nk // 2 + nk // 64 + 4 * (nk // 64 // 256) + 2 * nk
+    assert decoded == nk and flops == 0
+    f = ins.KernelFacts(compiled=True, num_warps=4, sass_instructions=100, registers=32)
+    rep = ins.model_launch(deq[0], c, TARGETS["sm_90"], f)
+    assert rep.dram_us == pytest.approx(byts / 3000e9 * 1e6)
+    assert rep.floor_us == pytest.approx(rep.dram_us)
+    # issue: 16384 programs / 132 SMs -> 125 per SM; 4 warps x 100 instructions each, 4 schedulers
+    assert rep.issue_us == pytest.approx(125 * 4 * 100 / (4 * 1.98e9) * 1e6)
+
+
+def test_step_floor_by_hand():
+    c = ins.Call(4096, 4096, 16, mode="train")
+    f = ins.KernelFacts(compiled=True, num_warps=4, sass_instructions=1, registers=32)
+    t = TARGETS["sm_89"]
+    r = ins._call_report(c, t, [], [])
+    nk = 4096 * 4096
+    w = nk / 2 + nk / 64
+    act = (16 * 4096 + 16 * 4096) * 2
+    assert r.memory_floor_us == pytest.approx(2 * (w + act) / 1008e9 * 1e6)
+    assert r.compute_floor_us == pytest.approx(4 * 16 * nk / 165e12 * 1e6)
+    del f
+
+
+def test_inspect_command_text_and_json(tmp_path):
+    out = tmp_path / "inspect.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fastlora", "inspect", "--shapes", "256,512", "--m", "16",
+                           "--arch", "sm_89", "--mode", "infer", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    assert "== sm_89" in text and "STEP (model)" in text and "not a measurement" in text
+    for line in text.splitlines():
+        if "µs" in line:
+            assert "model" in line or "floor µs" in line, line
+    data = json.loads(out.read_text())
+    assert data["targets"]["sm_89"]["smem_per_block"] == 101376
+    rep = data["reports"][0]
+    assert "not measurements" in rep["note"]
+    labels = [L["label"] for L in rep["launches"]]
+    assert labels == ["H", "Y"] if rep["call"]["strategy"] == "fused" else labels
+    for L in rep["launches"]:
+        assert {"shared", "registers", "stack", "mma", "ldg_widths", "loop_found"} <= set(L["facts"])
+
+
+def test_inspect_rejects_bad_arguments():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for args, msg in ((["--arch", "sm_99"], "unknown GPU target"), (["--shapes", "12"], "N,K pairs"),
+                      (["--m", "0"], "positive")):
+        proc = subprocess.run([sys.executable, "-m", "fastlora", "inspect", *args], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
