@@ -42,6 +42,7 @@ class TileConfig:
     block_i: int
     num_warps: int
     num_stages: int
+    split: int = 1        # most splits of the reduction (split-K); see :func:`splits`
 
     def as_tuple(self):
         return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
@@ -56,23 +57,23 @@ _INF = 1 << 62
 # per program (block_m / block_i unused, 1).
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     "sm_90": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 3)), (_INF, _C(128, 128, 64, 8, 3))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
         "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
     },
     "sm_80": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 3)), (_INF, _C(128, 128, 64, 8, 3))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
         "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
     },
     "sm_8x": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1)), (_INF, _C(128, 128, 64, 8, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 2)), (_INF, _C(128, 64, 64, 4, 2))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2))],
+        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))],
+        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
         "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
     },
@@ -81,7 +82,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
         "frozen4": [(_INF, _C(16, 64, 32, 4, 1))],
         "dense": [(_INF, _C(32, 64, 32, 4, 1))],
-        "lora": [(_INF, _C(32, 32, 32, 4, 1))],
+        "lora": [(_INF, _C(32, 32, 32, 4, 1, 16))],
         "epilogue": [(_INF, _C(32, 64, 16, 4, 1))],
         "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
     },
@@ -107,6 +108,21 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
+#: split-K aims at this many programs per SM: two resident programs hide each other's load latency
+PROGRAMS_PER_SM = 2
+
+
+def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target]) -> int:
+    """How many ways to split the reduction of a product with ``tiles`` output tiles: enough for
+    PROGRAMS_PER_SM programs on every SM, at most the row's ``split`` and one BLOCK_I step per split.
+    (The split costs an fp32 partial [splits, M, J] and one pass to add the partials up.)"""
+    if target is None or cfg.split <= 1:
+        return 1
+    steps = -(-I // cfg.block_i)
+    want = -(-(target.sms * PROGRAMS_PER_SM) // max(1, tiles))
+    return max(1, min(cfg.split, steps, want))
+
+
 def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:
     """The launch configuration of one product out[M, J] = Σ_i a[M, I]·T[I, J] on ``target``
     (None: the interpreter's). Tiles are narrowed to the problem (never below 16, the smallest
@@ -126,4 +142,4 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileC
     bm = _pow2_clamp(M, 16, c.block_m)
     bj = _pow2_clamp(J, 16, c.block_j)
     bi = c.block_i if kind == "frozen4" else _pow2_clamp(I, 16, c.block_i)
-    return _C(bm, bj, bi, c.num_warps, c.num_stages)
+    return _C(bm, bj, bi, c.num_warps, c.num_stages, c.split)

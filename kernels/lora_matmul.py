@@ -70,12 +70,14 @@ def _lora_matmul_kernel(
     bias_ptr,
     # out [M, J]
     out_ptr, stride_om, stride_oj,
+    # split-K partial sums: fp32 [splits, M, J], contiguous
+    part_ptr, splits,
     M, J, I, rank,
     out_scale, lora_scale, seed_ptr, p, keep_scale,
     TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
-    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -98,8 +100,12 @@ def _lora_matmul_kernel(
     if DROPOUT != 0:
         seed = tl.load(seed_ptr)
 
-    # -- main loop over the reduction dimension --------------------------------------------------
-    for i0 in range(0, I, BLOCK_I):
+    # -- main loop over the reduction dimension; split-K: program (·, s) takes the s-th run of
+    #    BLOCK_I steps (grid axis 1 has one program per split, a single one without split) --------
+    steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), tl.num_programs(1))
+    i_lo = tl.program_id(1) * steps_per_split * BLOCK_I
+    i_hi = tl.minimum(I, i_lo + steps_per_split * BLOCK_I)
+    for i0 in range(i_lo, i_hi, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)                # [BLOCK_I]
         mask_i = offs_i < I
         a_mask = mask_m[:, None] & mask_i[None, :]
@@ -131,8 +137,28 @@ def _lora_matmul_kernel(
         else:
             acc = tl.dot(a, t, acc)
 
-    acc = acc * out_scale
+    if SPLIT_OUT:
+        # split-K: this program's partial sum, unscaled, to slice s of the fp32 partials; the
+        # PARTIALS pass (I = 0) adds the slices up and runs the epilogue once
+        part_ptrs = part_ptr + tl.program_id(1).to(tl.int64) * M * J + offs_m[:, None] * J + offs_j[None, :]
+        tl.store(part_ptrs, acc, mask=mask_m[:, None] & mask_j[None, :])
+    else:
+        if PARTIALS:
+            for s in range(0, splits):
+                acc += tl.load(part_ptr + s * M * J + offs_m[:, None] * J + offs_j[None, :],
+                               mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
+                  bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
+                  HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, BLOCK_M, BLOCK_J, BLOCK_R)
 
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
+              bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
+              HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
+              ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    acc = acc * out_scale
     # -- epilogue: + bias, round as bitsandbytes' result, + s·L·R (dropout-masked), + out ---------
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_j, mask=mask_j, other=0.0).to(tl.float32)[None, :]
@@ -249,31 +275,57 @@ def lora_matmul(
         return out
     _interpreter.ensure()
 
-    cfg = configs.select(_kind(is_4bit, skip_main, compute_dtype), M, J, I, _launch.launch_target(a.device))
+    target = _launch.launch_target(a.device)
+    kind = _kind(is_4bit, skip_main, compute_dtype)
+    cfg = configs.select(kind, M, J, I, target)
     BM, BJ, BI, warps, stages = cfg.as_tuple()
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = configs._pow2_clamp(rank, 16, 32)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)
+    tiles = triton.cdiv(M, BM) * triton.cdiv(J, BJ)
+    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target)
     l_ = lora_l if has_lora else out
     r_ = lora_r if has_lora else out
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
-    _launch.launch(
-        _lora_matmul_kernel, grid,
+    seed_ = seed if seed is not None else out
+    common = (
         a, a.stride(0), a.stride(1),
         *wargs, stride_wn, stride_wk, Kw,
         l_, l_.stride(0), l_.stride(1),
         r_, r_.stride(0), r_.stride(1),
         bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
-        M, J, 0 if skip_main else I, rank,
-        float(out_scale), float(lora_scale), seed if seed is not None else out, float(dropout_p),
-        float(keep_scale),
-        TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
-        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype],
-        BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, GROUP_M=8,
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+    )
+    scalars = (float(out_scale), float(lora_scale), seed_, float(dropout_p), float(keep_scale))
+    shape = dict(TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
+                 COMPUTE=_TL_DTYPES[compute_dtype], GROUP_M=8, enable_fp_fusion=False)
+    epilogue = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, ROUND_BASE=round_base)
+    if splits == 1:
+        _launch.launch(
+            _lora_matmul_kernel, (tiles, 1),
+            *common, out, 1, M, J, 0 if skip_main else I, rank, *scalars,
+            **shape, **epilogue, DROPOUT=dropout, SPLIT_OUT=False, PARTIALS=False,
+            BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
+        )
+        return out
+    # split-K: `splits` programs per output tile write fp32 partial sums [splits, M, J] (the main
+    # loop's dropout only; no epilogue), then one pass adds them up and runs the epilogue
+    part = torch.empty((splits, M, J), dtype=torch.float32, device=out.device)
+    _launch.launch(
+        _lora_matmul_kernel, (tiles, splits),
+        *common, part, splits, M, J, I, rank, *scalars,
+        **shape, HAS_LORA=False, HAS_BIAS=False, ACC_OUT=False, ROUND_BASE=False,
+        DROPOUT=dropout if dropout in (DROP_AOP, DROP_W) else DROP_NONE, SPLIT_OUT=True, PARTIALS=False,
+        BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
+    )
+    ecfg = configs.select("epilogue", M, J, 0, target)
+    etiles = triton.cdiv(M, ecfg.block_m) * triton.cdiv(J, ecfg.block_j)
+    _launch.launch(
+        _lora_matmul_kernel, (etiles, 1),
+        *common, part, splits, M, J, 0, rank, *scalars,
+        **shape, **epilogue, DROPOUT=dropout if dropout == DROP_EPILOGUE else DROP_NONE,
+        SPLIT_OUT=False, PARTIALS=True,
+        BLOCK_M=ecfg.block_m, BLOCK_J=ecfg.block_j, BLOCK_I=ecfg.block_i, BLOCK_R=BR,
+        num_warps=ecfg.num_warps, num_stages=ecfg.num_stages,
     )
     return out
 

@@ -29,3 +29,46 @@ def _seed_everything():
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def _bnb_cpu_dequant_is_flat() -> bool:
+    """bitsandbytes' 4-bit blocks run over the row-major flat weight, straddling rows when K is not a
+    multiple of the blocksize (its CUDA kernel, its generic PyTorch code). Its native CPU kernel in
+    AVX-512 builds (0.50.2) indexes such blocks otherwise: rows after the first decode with the wrong
+    absmax. True where the CPU kernel agrees with the flat layout on a straddling shape."""
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 96, generator=g)
+    packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    b = packed.view(torch.uint8).reshape(-1).to(torch.int32)
+    nib = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[: w.numel()]
+    flat = (qs.code[nib] * qs.absmax[torch.arange(w.numel()) // 64]).reshape(w.shape)
+    return torch.equal(F.dequantize_4bit(packed, qs), flat)
+
+
+def _use_flat_bnb_cpu_dequant() -> None:
+    """Where bitsandbytes' native CPU dequant disagrees with its own flat layout, tests (and PEFT's
+    Linear4bit forward inside them) use the flat computation bitsandbytes' CUDA kernel and generic
+    code perform: code[nibble] · absmax[flat // blocksize] in fp32, one rounding to the dtype."""
+    import bitsandbytes.functional as F
+
+    def dequant_flat(A, absmax, blocksize, quant_type, shape, dtype):
+        n = 1
+        for s in shape:
+            n *= s
+        b = A.view(torch.uint8).reshape(-1).to(torch.int32)
+        nib = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:n]
+        code = F.get_4bit_type(quant_type, device=A.device)
+        return (code[nib] * absmax.float()[torch.arange(n, device=A.device) // blocksize]).reshape(shape).to(dtype)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequant_flat)
+
+
+if not ON_GPU and not _bnb_cpu_dequant_is_flat():
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")  # torch notes that the CPU kernel is replaced
+        _use_flat_bnb_cpu_dequant()
+    assert _bnb_cpu_dequant_is_flat()
