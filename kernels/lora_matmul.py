@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter
-from .quant4 import Packed4bit, check_device, decode_4bit, kernel_args
+from .quant4 import Packed4bit, check_device, decode_4bit, decode_4bit_rows, kernel_args, pair_table
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -75,7 +75,7 @@ def _lora_matmul_kernel(
     TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
-    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -93,10 +93,15 @@ def _lora_matmul_kernel(
     offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)     # [BLOCK_J]
     mask_m = offs_m < M
     mask_j = offs_j < J
-    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)          # outᵀ tile: W is the MMA's A
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     seed = 0
     if DROPOUT != 0:
         seed = tl.load(seed_ptr)
+    if FAST_4BIT:
+        pairs = pair_table(code_ptr)                                      # [256] int64, in registers
 
     # -- main loop over the reduction dimension --------------------------------------------------
     for i0 in range(0, I, BLOCK_I):
@@ -117,7 +122,16 @@ def _lora_matmul_kernel(
             n_idx = offs_j[None, :]
             k_idx = offs_i[:, None]
         t_mask = mask_i[:, None] & mask_j[None, :]
-        if IS_4BIT:
+        if FAST_4BIT:
+            if TRANS_W:
+                t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                     offs_i, mask_i, pid_j * BLOCK_J, Kw,
+                                     BLOCK_J, BLOCKSIZE, BLOCKSIZE2, NESTED)        # [BLOCK_I, BLOCK_J]
+            else:
+                t = tl.trans(decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                              offs_j, mask_j, i0, Kw,
+                                              BLOCK_I, BLOCKSIZE, BLOCKSIZE2, NESTED))  # [BLOCK_I, BLOCK_J]
+        elif IS_4BIT:
             t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
         else:
@@ -128,9 +142,13 @@ def _lora_matmul_kernel(
         t = t.to(COMPUTE)
         if COMPUTE == tl.float32:
             acc = tl.dot(a, t, acc, input_precision="ieee")
+        elif SWAP_AB:
+            acc = tl.dot(tl.trans(t), tl.trans(a), acc)                   # [BLOCK_J, BLOCK_M]
         else:
             acc = tl.dot(a, t, acc)
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     acc = acc * out_scale
 
     # -- epilogue: + bias, round as bitsandbytes' result, + s·L·R (dropout-masked), + out ---------
@@ -262,6 +280,8 @@ def lora_matmul(
     _interpreter.ensure()
 
     BM, BJ, BI, warps, stages = _config(M, J, I, is_4bit)
+    # the wide decode: every row run of a W tile is whole bytes inside one absmax block
+    fast = is_4bit and Kw % 2 == 0 and Kw % blocksize == 0
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = _pow2_clamp(rank, 16, 32)
     grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)
@@ -281,7 +301,7 @@ def lora_matmul(
         TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
-        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype],
+        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype], FAST_4BIT=fast, SWAP_AB=is_4bit and compute_dtype != torch.float32 and BM <= 32,
         BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, GROUP_M=8,
         num_warps=warps, num_stages=stages, enable_fp_fusion=False,
     )
