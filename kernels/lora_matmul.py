@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter
-from .quant4 import Packed4bit, check_device, decode_4bit, decode_4bit_rows, kernel_args, pair_table
+from .quant4 import Packed4bit, check_device, decode_4bit, decode_4bit_rows, kernel_args, pair_table, wide_decode_ok
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -280,8 +280,7 @@ def lora_matmul(
     _interpreter.ensure()
 
     BM, BJ, BI, warps, stages = _config(M, J, I, is_4bit)
-    # the wide decode: every row run of a W tile is whole bytes inside one absmax block
-    fast = is_4bit and Kw % 2 == 0 and Kw % blocksize == 0
+    fast = is_4bit and wide_decode_ok(w)
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = _pow2_clamp(rank, 16, 32)
     grid = (triton.cdiv(M, BM) * triton.cdiv(J, BJ),)

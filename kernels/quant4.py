@@ -202,6 +202,13 @@ def _dequant_4bit_kernel(
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < numel)
 
 
+def wide_decode_ok(q: Packed4bit) -> bool:
+    """Whether the fused GEMM can decode ``q`` with :func:`decode_4bit_rows`: K even (a row starts on
+    a byte) and a multiple of the blocksize (no absmax block straddles two rows). Otherwise it falls
+    back to the per-element :func:`decode_4bit`, correct for any layout."""
+    return q.K % 2 == 0 and q.K % q.blocksize == 0
+
+
 def kernel_args(q: Packed4bit):
     """The pointer/scalar arguments every kernel that decodes ``q`` takes, in decode_4bit's order."""
     if q.nested:
