@@ -19,8 +19,20 @@ Layout (bitsandbytes >= 0.45; the flat order is what matters, the tensor's shape
 ``code`` is the 16-entry table of the quant type (NF4 or FP4), ``code2`` the 256-entry table of the
 second level, BLOCKSIZE2 is 256 in every bitsandbytes release.
 
-The decode is one ``@triton.jit`` helper, :func:`decode_4bit`, shared by the dequant kernel here and
-by the main loop of the fused GEMM (``lora_matmul.py``). Launchers here take plain tensors packed
+Two decodes, both ``@triton.jit`` helpers used by the fused GEMM (``lora_matmul.py``):
+
+- :func:`decode_4bit_rows` (K even, K % BLOCKSIZE == 0, the common case): a W tile [R, C] is R runs
+  of C/2 whole bytes, read as [R, C/2] uint8 vectors; each byte is decoded by one gather from a
+  256-entry pair table (code[b >> 4], code[b & 15]) held in registers (Triton stages it in shared
+  memory), and one absmax per (row, block) is broadcast. Measured on sm_89 at M = 16, N = K = 4096:
+  27.8 -> 5.7 thread-instructions per weight in the main loop for X·Wᵀ, 45.8 -> 6.0 for dY·W, and
+  shared memory 217,088 -> 90,112 bytes (the per-element gathers were staged in shared memory).
+  A warp-local gather from the 16-entry table (shuffles) measured 20.9 per weight.
+- :func:`decode_4bit` (any layout: odd K, blocks straddling rows): per element, by flat position.
+
+The values stay code·absmax in fp32 rounded once, as bitsandbytes' dequant, so the fused product
+multiplies exactly the weights the dequant path multiplies. The dequant kernel decodes by flat
+position with the same pair table: BLOCK/2 bytes per program in 16-byte reads, GROUP elements per absmax. Launchers here take plain tensors packed
 in a :class:`Packed4bit`; reading them out of bitsandbytes objects is ``fastlora.format``'s job.
 """
 
