@@ -57,25 +57,25 @@ _INF = 1 << 62
 # per program (block_m / block_i unused, 1).
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     "sm_90": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
-        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_80": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
-        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_8x": {
-        "frozen4": [(16, _C(16, 128, 64, 4, 1, 8)), (_INF, _C(128, 128, 64, 8, 1))],
+        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
-        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_75": {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
@@ -84,7 +84,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         "dense": [(_INF, _C(32, 64, 32, 4, 1))],
         "lora": [(_INF, _C(32, 32, 32, 4, 1, 16))],
         "epilogue": [(_INF, _C(32, 64, 16, 4, 1))],
-        "dequant": [(_INF, _C(1, 1024, 1, 4, 1))],
+        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
 }
 
@@ -132,7 +132,7 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileC
     if target is None:
         c = INTERPRETER
         if kind == "dequant":
-            return _C(1, 1024, 1, 4, 1)
+            return _C(1, 4096, 1, 4, 1)
         return _C(_pow2_clamp(M, 16, c.block_m), _pow2_clamp(J, 16, c.block_j), _pow2_clamp(I, 16, c.block_i),
                   c.num_warps, c.num_stages)
     rows = TABLES[family(target)][kind]

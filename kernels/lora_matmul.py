@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreter, _launch, configs
-from .quant4 import Packed4bit, check_device, decode_4bit, kernel_args
+from .quant4 import Packed4bit, check_device, decode_4bit, decode_4bit_rows, kernel_args, pair_table, wide_decode_ok
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -77,7 +77,8 @@ def _lora_matmul_kernel(
     TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
-    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr,
+    ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -95,10 +96,15 @@ def _lora_matmul_kernel(
     offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)     # [BLOCK_J]
     mask_m = offs_m < M
     mask_j = offs_j < J
-    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_J, BLOCK_M), dtype=tl.float32)          # outᵀ tile: W is the MMA's A
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     seed = 0
     if DROPOUT != 0:
         seed = tl.load(seed_ptr)
+    if FAST_4BIT:
+        pairs = pair_table(code_ptr)                                      # [256] int64, in registers
 
     # -- main loop over the reduction dimension; split-K: program (·, s) takes the s-th run of
     #    BLOCK_I steps (grid axis 1 has one program per split, a single one without split) --------
@@ -123,7 +129,16 @@ def _lora_matmul_kernel(
             n_idx = offs_j[None, :]
             k_idx = offs_i[:, None]
         t_mask = mask_i[:, None] & mask_j[None, :]
-        if IS_4BIT:
+        if FAST_4BIT:
+            if TRANS_W:
+                t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                     offs_i, mask_i, pid_j * BLOCK_J, Kw,
+                                     BLOCK_J, BLOCKSIZE, BLOCKSIZE2, NESTED)        # [BLOCK_I, BLOCK_J]
+            else:
+                t = tl.trans(decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                              offs_j, mask_j, i0, Kw,
+                                              BLOCK_I, BLOCKSIZE, BLOCKSIZE2, NESTED))  # [BLOCK_I, BLOCK_J]
+        elif IS_4BIT:
             t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                             n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
         else:
@@ -134,9 +149,13 @@ def _lora_matmul_kernel(
         t = t.to(COMPUTE)
         if COMPUTE == tl.float32:
             acc = tl.dot(a, t, acc, input_precision="ieee")
+        elif SWAP_AB:
+            acc = tl.dot(tl.trans(t), tl.trans(a), acc)                   # [BLOCK_J, BLOCK_M]
         else:
             acc = tl.dot(a, t, acc)
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if SPLIT_OUT:
         # split-K: this program's partial sum, unscaled, to slice s of the fp32 partials; the
         # PARTIALS pass (I = 0) adds the slices up and runs the epilogue once
@@ -279,6 +298,11 @@ def lora_matmul(
     kind = _kind(is_4bit, skip_main, compute_dtype)
     cfg = configs.select(kind, M, J, I, target)
     BM, BJ, BI, warps, stages = cfg.as_tuple()
+    # the wide decode where the layout allows it; the MMA with W as its first operand for the small-M
+    # 4-bit tiles (W's tile is the big one)
+    main = dict(FAST_4BIT=is_4bit and not skip_main and wide_decode_ok(w),
+                SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= 32)
+    no_main = dict(FAST_4BIT=False, SWAP_AB=False)
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = configs._pow2_clamp(rank, 16, 32)
     tiles = triton.cdiv(M, BM) * triton.cdiv(J, BJ)
@@ -303,7 +327,7 @@ def lora_matmul(
         _launch.launch(
             _lora_matmul_kernel, (tiles, 1),
             *common, out, 1, M, J, 0 if skip_main else I, rank, *scalars,
-            **shape, **epilogue, DROPOUT=dropout, SPLIT_OUT=False, PARTIALS=False,
+            **shape, **epilogue, **main, DROPOUT=dropout, SPLIT_OUT=False, PARTIALS=False,
             BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
         )
         return out
@@ -313,7 +337,7 @@ def lora_matmul(
     _launch.launch(
         _lora_matmul_kernel, (tiles, splits),
         *common, part, splits, M, J, I, rank, *scalars,
-        **shape, HAS_LORA=False, HAS_BIAS=False, ACC_OUT=False, ROUND_BASE=False,
+        **shape, **main, HAS_LORA=False, HAS_BIAS=False, ACC_OUT=False, ROUND_BASE=False,
         DROPOUT=dropout if dropout in (DROP_AOP, DROP_W) else DROP_NONE, SPLIT_OUT=True, PARTIALS=False,
         BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
     )
@@ -322,7 +346,7 @@ def lora_matmul(
     _launch.launch(
         _lora_matmul_kernel, (etiles, 1),
         *common, part, splits, M, J, 0, rank, *scalars,
-        **shape, **epilogue, DROPOUT=dropout if dropout == DROP_EPILOGUE else DROP_NONE,
+        **shape, **epilogue, **no_main, DROPOUT=dropout if dropout == DROP_EPILOGUE else DROP_NONE,
         SPLIT_OUT=False, PARTIALS=True,
         BLOCK_M=ecfg.block_m, BLOCK_J=ecfg.block_j, BLOCK_I=ecfg.block_i, BLOCK_R=BR,
         num_warps=ecfg.num_warps, num_stages=ecfg.num_stages,

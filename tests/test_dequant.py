@@ -262,3 +262,17 @@ def test_one_changed_absmax_changes_exactly_its_block(nested):
         f"{(got != expect).nonzero().reshape(-1)[:4].tolist()}")
     assert_bit_equal("after the absmax change", out, bnbF.dequantize_4bit(packed, qs2))
     assert not torch.equal(qs.absmax, qs2.absmax)      # the original state is untouched
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_dequantize_matches_reference_model(nested, blocksize):
+    """The dequant kernel against fastlora's PyTorch model of the layout, bit for bit, on shapes whose
+    blocks straddle rows and whose element count is odd (a program's last byte holds one element).
+    Independent of bitsandbytes' own dequant implementation on this device."""
+    for N, K in [(37, 96), (7, 9), (45, 130), (3, 4099)]:
+        packed, qs = _quantize(N, K, quant_type="fp4" if nested else "nf4", nested=nested, blocksize=blocksize)
+        q = from_bnb(packed, qs)
+        for dtype in (torch.bfloat16, torch.float32):
+            assert_bit_equal(f"{N}x{K} blocksize={blocksize} -> {dtype}", fastlora.dequantize(packed, qs, dtype=dtype),
+                             ref.dequantize_4bit(q, dtype))

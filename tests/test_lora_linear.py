@@ -145,7 +145,57 @@ def test_gpu_tile_sizes(strategy, target):
     cfg = configs.select("frozen4", 130, 200, 136, t)
     assert cfg.block_m > 16 or t.cc < 80, "M = 130 must take a large-M row of the table"
     with _launch.tiles_for(target):
-        _case(130, 200, 136, 8, p=0.05, strategy=strategy)
+        _case(130, 200, 136, 8, p=0.05, strategy=strategy,
+              xdtype=torch.bfloat16 if t.has_bf16 else torch.float16)   # no bf16 below sm_80
+
+
+def test_bf16_below_sm80_is_a_clear_error():
+    """On a T4 (sm_75) bf16 is not supported (no bf16 tensor cores; torch.cuda.is_bf16_supported() is
+    False there): the op says so, naming the device and what to use instead."""
+    from fastlora.kernels import _launch
+
+    K, N, r = BASE["K"], BASE["N"], 8
+    packed, qs = _quantize(N, K, torch.bfloat16)
+    x = torch.randn(3, K, device=DEVICE).to(torch.bfloat16)
+    A, B = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    with _launch.tiles_for("sm_75"), pytest.raises(TypeError, match="bfloat16 is not supported on sm_75.*float16"):
+        fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs)
+    fastlora.lora_linear(x, packed, A, B, 2.0, quant_state=qs)          # the same call elsewhere runs
+
+
+# (N, K, blocksize, wide): K even and a multiple of the blocksize takes the wide decode (each row run of
+# a tile is whole bytes and whole absmax blocks, or lies inside one block); otherwise the per-element
+# decode. Under the interpreter BLOCK_I = BLOCK_J = 64, so the cases cover one block per row run
+# (64, 64), two blocks per run (blocksize 32), a run inside a block (128), straddling blocks (96) and
+# odd K, where a byte holds the last element of one row and the first of the next.
+DECODE_CASES = [(80, 128, 64, True), (48, 128, 32, True), (24, 256, 128, True), (80, 96, 64, False),
+                (37, 75, 64, False)]
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["XWt", "dYW"])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize("N,K,blocksize,wide", DECODE_CASES, ids=lambda v: str(v))
+def test_decode_paths(N, K, blocksize, wide, nested, xdtype, trans):
+    """The frozen product alone (X·Wᵀ, and dY·W as in dX) on both decode paths of the fused kernel,
+    against fastlora's reference dequant (a plain PyTorch model of bitsandbytes' layout), within the
+    tolerance rule."""
+    from fastlora.format import from_bnb
+    from fastlora.kernels.lora_matmul import lora_matmul
+    from fastlora.kernels.quant4 import wide_decode_ok
+
+    packed, qs = _quantize(N, K, xdtype, "nf4" if nested else "fp4", nested, blocksize)
+    q = from_bnb(packed, qs)
+    assert wide_decode_ok(q) == wide
+    w_lowp = ref.dequantize_4bit(q, xdtype)                                  # [N, K], rounded once
+    M = 19
+    I, J = (N, K) if trans else (K, N)
+    a = torch.randn(M, I, device=DEVICE).to(xdtype)
+    out = torch.empty(M, J, device=DEVICE, dtype=xdtype)
+    lora_matmul(a, q, out, trans_w=trans, compute_dtype=xdtype)
+    t = w_lowp if trans else w_lowp.t()
+    assert_within_rule(f"{'dY·W' if trans else 'X·Wᵀ'} ({'wide' if wide else 'per-element'} decode)",
+                       out, a.double() @ t.double(), a @ t)
 
 
 def test_3d_input_and_auto_strategy():
