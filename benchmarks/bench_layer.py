@@ -72,6 +72,9 @@ FAMILIES = {
 PROVIDERS = ("peft", "dequant-cublas", "fastlora-fused", "fastlora-dequant", "fastlora-auto", "fastlora-patched",
              "bf16-floor")
 MODES = ("forward", "backward", "forward+backward")
+# not a measurement: fastlora inspect's static speed-of-light model of the same call, for the GPU the
+# run is on (or --model-arch on a CPU), as a column beside the measured providers
+MODEL_PROVIDER = "fastlora-model"
 LORA_PROVIDERS = tuple(p for p in PROVIDERS if p != "bf16-floor")
 STRATEGIES = ("fused", "dequant")                    # what fastlora-auto / -patched can turn out to be
 GRADS = ("y", "dx", "da", "db")                      # what is compared with PEFT
@@ -511,6 +514,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--modes", type=_csv(str), default=None, help=f"comma list of {MODES}")
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--model", action=argparse.BooleanOptionalAction, default=True,
+                    help=f"add the {MODEL_PROVIDER} column: fastlora inspect's modelled µs (a model, not a measurement)")
+    ap.add_argument("--model-arch", default=None,
+                    help="GPU target the model is for (default: this GPU's; on a CPU sm_90)")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="start no new case after this many seconds (the case in hand finishes)")
 
@@ -551,5 +558,48 @@ def run(args, device: Optional[torch.device] = None, budget: Optional[harness.Bu
                     f"r={case.r} dropout={case.dropout}")
         run_case(case, providers, modes, device, args.smoke, writer, timing)
         done += 1
+    if getattr(args, "model", False) and done:
+        write_model_records(todo[:done], modes, device, args.smoke, writer, getattr(args, "model_arch", None))
     return {"bench": "layer", "cases_planned": len(todo), "cases_run": done, "records": writer.count,
             "path": str(writer.path)}
+
+
+def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
+    """One ``fastlora-model`` record per case and mode: the modelled µs of the fused and dequant
+    strategies and of the automatic pick, next to the floor, from ``fastlora.inspection`` (compiled for
+    the target, never run). ``performance_claim`` is false on these records: they are a model."""
+    from fastlora import inspection
+    from fastlora.kernels.targets import device_target
+
+    import fastlora
+
+    target = arch or (device_target(device).name if device.type == "cuda" else "sm_90")
+    if target not in inspection.TARGETS:  # a GPU the table lacks: its nearest entry's figures
+        target = device_target(device).figures_from or "sm_90"
+    calls = {}
+    for case in todo:
+        for strategy in ("fused", "dequant"):
+            calls[(case, strategy)] = inspection.Call(case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4",
+                                                       True, 64, strategy, "train", case.proj)
+    try:
+        reports = inspection.run(list(calls.values()), [target])
+    except Exception as exc:  # the model is a column; its failure must not lose the measurements
+        harness.log(f"  {MODEL_PROVIDER}: not available ({type(exc).__name__}: {exc})")
+        return
+    by_call = {id_: rep for id_, rep in zip(calls, reports)}
+    for case in todo:
+        auto = fastlora.choose_strategy(case.M, case.N, case.K, True, device, target=inspection.get_target(target))
+        for mode in modes:
+            def us(rep):
+                return rep.model_us if mode == "forward+backward" else rep.phase_us(mode)
+            fused, deq = by_call[(case, "fused")], by_call[(case, "dequant")]
+            metrics = {"model_us_fused": us(fused), "model_us_dequant": us(deq),
+                       "model_us_auto": us(fused if auto == "fused" else deq),
+                       "floor_us_step": fused.floor_us, "fits": fused.ok and deq.ok}
+            cfg = {"family": case.family, "proj": case.proj, "M": case.M, "N": case.N, "K": case.K, "r": case.r,
+                   "dropout": case.dropout, "provider": MODEL_PROVIDER, "mode": mode, "model_target": target,
+                   "auto_strategy": auto, "model": "static speed-of-light model (fastlora inspect), not a measurement"}
+            rec = harness.make_record("layer", cfg, metrics, {"model_us_*": inspection.__doc__.split("The formulas")[1][:1200]},
+                                      device=device, smoke=smoke)
+            rec["performance_claim"] = False
+            writer.write(rec)

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import harness
-from .bench_layer import MODES, PROVIDERS
+from .bench_layer import MODEL_PROVIDER, MODES, PROVIDERS
 
 FASTLORA = "fastlora-auto"
 PATCHED = "fastlora-patched"
@@ -96,6 +96,13 @@ def _ran(cfg):
     return f"{cfg['position'] + 1} of {len(cfg['order'])}"
 
 
+def _model_cell(rec):
+    """fastlora inspect's modelled µs for the automatic pick, shown in ms like the measured columns."""
+    if rec is None or rec.get("status") != "ok":
+        return "–"
+    return f"{rec['metrics']['model_us_auto'] / 1000:.3f}"
+
+
 def _cell(rec):
     """median ms [p20–p80], or the failure status."""
     if rec is None:
@@ -114,11 +121,12 @@ def _layer_markdown(groups):
     for (dev, mode), keys in by_mode.items():
         lines += [f"### Layer, {mode} — {dev}", "",
                   "Median ms per provider (p20/p80 in the JSONL). Speed-ups are t_baseline / t_fastlora-auto; "
-                  "'÷ floor' is t_fastlora-auto / t_bf16-floor.", "",
+                  "'÷ floor' is t_fastlora-auto / t_bf16-floor. 'model' is fastlora inspect's static "
+                  "speed-of-light model of fastlora-auto's pick for the same call (a model, not a measurement).", "",
                   "| family | proj | K→N | r | p | M | " + " | ".join(PROVIDERS)
-                  + " | auto pick | × vs peft | × vs dequant-cublas | ÷ floor | best fused/dequant × vs peft "
+                  + " | model (ms) | auto pick | × vs peft | × vs dequant-cublas | ÷ floor | best fused/dequant × vs peft "
                   "| patched × vs peft |",
-                  "|" + "---|" * (6 + len(PROVIDERS) + 6)]
+                  "|" + "---|" * (6 + len(PROVIDERS) + 7)]
         for key in keys:
             _, fam, proj, K, N, r, p, _ = key
             for M in sorted(groups[key]):
@@ -127,7 +135,7 @@ def _layer_markdown(groups):
                 pick = _pick(byp)
                 lines.append(f"| {fam} | {proj} | {K}→{N} | {r} | {p:g} | {M} | "
                              + " | ".join(_cell(byp.get(pr)) for pr in PROVIDERS)
-                             + f" | {pick or '–'} | {_fmt(s['vs_peft'], '.2f')} | {_fmt(s['vs_dequant_cublas'], '.2f')}"
+                             + f" | {_model_cell(byp.get(MODEL_PROVIDER))} | {pick or '–'} | {_fmt(s['vs_peft'], '.2f')} | {_fmt(s['vs_dequant_cublas'], '.2f')}"
                              f" | {_fmt(s['to_floor'], '.2f')} | {_fmt(s['best_vs_peft'], '.2f')}"
                              f" | {_fmt(s['patched_vs_peft'], '.2f')} |")
         lines.append("")

@@ -155,11 +155,13 @@ def record_call(c: Call, target) -> List[_launch.Launch]:
     with _launch.recording(target) as launches:
         with torch.set_grad_enabled(train):
             y = lora_linear(x, w, A, B, 2.0, dropout_p=p, compute_dtype=dt, strategy=c.strategy, seed=1)
+            n_forward = len(launches)
             if train:
                 y.backward(torch.empty_like(y))
     frozen = w.packed if c.is_4bit else w
-    for L in launches:
+    for i, L in enumerate(launches):
         L.label = _label(L, c, frozen)
+        L.phase = "forward" if i < n_forward else "backward"
     return launches
 
 
@@ -348,6 +350,7 @@ def _occupancy(f: KernelFacts, t: Target) -> int:
 @dataclass
 class LaunchReport:
     label: str
+    phase: str                           # "forward" or "backward"
     kernel: str
     grid: List[int]
     programs: int
@@ -392,7 +395,8 @@ def model_launch(launch: _launch.Launch, c: Call, t: Target, f: KernelFacts) -> 
         ipw = f.sass_instructions * warps * 32 / kw["BLOCK"]
     cfg = {k: kw[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_I", "BLOCK", "num_warps", "num_stages") if k in kw}
     return LaunchReport(
-        label=launch.label or launch.name, kernel=launch.name, grid=list(launch.grid), programs=programs,
+        label=launch.label or launch.name, phase=launch.phase or "forward",
+        kernel=launch.name, grid=list(launch.grid), programs=programs,
         config=cfg, facts=f, fits=f.compiled and f.shared <= t.smem_per_block and f.stack == 0 and f.local == 0,
         smem_limit=t.smem_per_block, resident_per_sm=occ, flops=flops, bytes=byts, instr_per_weight=ipw,
         issue_us=issue * 1e6, dram_us=dram * 1e6, tensor_us=tensor * 1e6,
@@ -417,6 +421,11 @@ class CallReport:
     @property
     def ok(self) -> bool:
         return all(L.fits for L in self.launches)
+
+    def phase_us(self, phase: str) -> float:
+        """The modelled time of the forward or the backward launches (+ their cuBLAS GEMM)."""
+        gemm = self.cublas_us / (2 if self.call.mode == "train" else 1) if self.cublas_us else 0.0
+        return sum(L.model_us for L in self.launches if L.phase == phase) + gemm
 
 
 def _gemm_floor(M, N, K, dt, t: Target) -> float:

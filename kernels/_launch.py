@@ -40,6 +40,7 @@ class Launch:
     args: tuple
     kwargs: dict
     label: Optional[str] = None   # what the launch computes ("Y", "dX", ...), when the caller said
+    phase: Optional[str] = None   # "forward" / "backward", where the recording caller says
 
     @property
     def name(self) -> str:
