@@ -296,6 +296,8 @@ def _plan(layer, st, x, args, kwargs):
         if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a):
             return "lora_variant"
         lA, lB = layer.lora_A[a], layer.lora_B[a]
+        if _is_sharded(getattr(lA, "weight", None), getattr(lB, "weight", None)):
+            return "sharded"  # an FSDP2 unit of its own: whole only inside its own forward
         if getattr(layer, "lora_bias", {}).get(a, False) or getattr(lB, "bias", None) is not None:
             return "lora_bias"
         if type(lA) is not nn.Linear or type(lB) is not nn.Linear or lA.bias is not None:
