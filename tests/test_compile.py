@@ -117,3 +117,37 @@ def test_compiled_matches_eager(pm, backend):
     # the patched forward is the fused op, not PEFT's: its outputs differ from PEFT's (rounding) but
     # only within the rule test_patch.py checks layer by layer
     assert _gap(eager[0], peft_eager[0]) <= 0.05 * max(1.0, peft_eager[0].abs().max().item())
+
+
+def test_compiled_decision_follows_module_state(pm):
+    """The per-call decision is traced into guards: a compiled patched model that meets another module
+    state (adapters disabled, another scaling) recompiles and computes what the eager patched model
+    computes in that state, falling back or running fused as it would."""
+    ids = _ids()
+    report = fastlora.patch(pm)
+    from peft.tuners.lora.layer import LoraLayer
+
+    layers = [m for m in pm.modules() if isinstance(m, LoraLayer)]
+    assert len(layers) == N_LORA_LAYERS
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(pm, backend="aot_eager")
+        on = fn(input_ids=ids).logits.detach()
+        with pm.disable_adapter():
+            off = fn(input_ids=ids).logits.detach()
+            off_eager = pm(input_ids=ids).logits.detach()
+        assert report.fused_calls == N_LORA_LAYERS, report.fused_calls
+        assert report.fallback_calls == {"adapters_disabled": 2 * N_LORA_LAYERS}, dict(report.fallback_calls)
+        for m in layers:
+            m.scaling["default"] *= 3.0
+        tripled = fn(input_ids=ids).logits.detach()
+        tripled_eager = pm(input_ids=ids).logits.detach()
+        assert report.fused_calls == 3 * N_LORA_LAYERS, report.fused_calls
+    finally:
+        for m in layers:
+            m.scaling["default"] /= 3.0
+        fastlora.unpatch(pm)
+        torch._dynamo.reset()
+    assert torch.equal(off, off_eager), f"disabled adapters: compiled differs from eager by {_gap(off, off_eager):.3e}"
+    assert torch.equal(tripled, tripled_eager), f"scaling x3: compiled differs from eager by {_gap(tripled, tripled_eager):.3e}"
+    assert _gap(on, off) > 1e-3 and _gap(tripled, on) > 1e-3, "the adapters change nothing: the checks above are empty"
