@@ -25,8 +25,10 @@ bitsandbytes 0.50 ``Linear4bit.forward``):
   ``set_compute_type`` when not set: done here the same way), computes X·Wᵀ + bias there and casts
   back to x's dtype. Under autocast on x's device its inner ``F.linear`` runs in the autocast dtype
   instead (bias included). PEFT adds the LoRA term cast to that result dtype. The fused op gives x's
-  dtype, the frozen product in the same compute dtype, the LoRA term in fp32 (at least as precise as
-  PEFT's, which runs in the adapter dtype or, under autocast, in the autocast dtype).
+  dtype, the frozen product in the same compute dtype and rounded there, as bitsandbytes rounds it,
+  the LoRA term in fp32 (at least as precise as PEFT's, which runs in the adapter dtype or, under
+  autocast, in the autocast dtype), rounded to fp16 on its own before the sum when x is fp16, as PEFT
+  rounds it (so fp16 overflows give inf where PEFT's do; see ``fastlora.ops._frozen_product``).
 - dense: ``nn.Linear`` needs x in the weight's dtype (PEFT's forward raises otherwise: it is left to
   raise); under autocast everything runs in the autocast dtype and that is the result dtype.
 - several active adapters: PEFT sums their terms. The fused op runs them as one adapter of rank
