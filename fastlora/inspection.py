@@ -118,8 +118,8 @@ def _meta_packed(c: Call) -> Packed4bit:
     return Packed4bit(**kw)
 
 
-def _label(launch: _launch.Launch, c: Call, frozen) -> str:
-    """What a recorded launch computes, read off its arguments."""
+def _label(launch: _launch.Launch, c: Call, frozen, A, B) -> str:
+    """What a recorded launch computes, read off its arguments (which tensor is its W operand)."""
     if "dequant" in launch.name:
         return "dequant W"
     if "lora_matmul" not in launch.name:
@@ -127,40 +127,48 @@ def _label(launch: _launch.Launch, c: Call, frozen) -> str:
     a = dict(zip(launch.kernel.arg_names, launch.args))
     a.update(launch.kwargs)
     w, trans = a["w_ptr"], bool(a["TRANS_W"])
-    if w is frozen or a["IS_4BIT"]:
+    if a["PARTIALS"]:
+        step = "split-K sum"
+    elif a["I"] == 0:
+        step = "epilogue"
+    else:
+        step = ""
+    if w is frozen:
         what = "dX" if trans else "Y"
-        return what + (" epilogue" if a["I"] == 0 else "")
-    J, M = a["J"], a["M"]
-    if not trans and J == c.rank:
-        return "H"
-    if trans and J == c.rank and M != c.N:
-        return "G"
-    if M == c.rank:
-        return "dA"
-    return "dB"
+    elif w is A:
+        what = "H"
+    elif w is B:
+        what = "G"
+    else:
+        what = "dA" if a["M"] == c.rank and a["J"] == c.K else "dB"
+    return f"{what} {step}".strip()
 
 
 def record_call(c: Call, target) -> List[_launch.Launch]:
     """The launches one layer call makes on ``target``, in order, labelled (Y, H, dX, G, dA, dB, ...)."""
-    from .ops import lora_linear
+    from . import ops
 
     target = get_target(target)
     dt = _DTYPES[c.dtype]
     train = c.mode == "train"
     w = _meta_packed(c) if c.is_4bit else torch.empty(c.N, c.K, dtype=dt, device="meta")
-    x = torch.empty(c.M, c.K, dtype=dt, device="meta", requires_grad=train)
-    A = torch.empty(c.rank, c.K, device="meta", requires_grad=train)
-    B = torch.empty(c.N, c.rank, device="meta", requires_grad=train)
+    x = torch.empty(c.M, c.K, dtype=dt, device="meta")
+    A = torch.empty(c.rank, c.K, device="meta")
+    B = torch.empty(c.N, c.rank, device="meta")
     p = c.dropout if train else 0.0
+    seed = torch.empty(1, dtype=torch.int64, device="meta") if p > 0 else None
+    wargs = ops.weight_args(w)
+    # the op's own forward and backward implementations (``torch.ops.fastlora.lora_linear`` runs its
+    # fake implementation on meta tensors, so its real one is called directly, as the op calls it)
     with _launch.recording(target) as launches:
-        with torch.set_grad_enabled(train):
-            y = lora_linear(x, w, A, B, 2.0, dropout_p=p, compute_dtype=dt, strategy=c.strategy, seed=1)
-            n_forward = len(launches)
-            if train:
-                y.backward(torch.empty_like(y))
+        y, h = ops._forward_impl(x, A, B, *wargs, None, 2.0, p, seed, dt, c.strategy)
+        n_forward = len(launches)
+        if train:
+            ops._backward_impl(torch.empty_like(y), x, h, A, B, *wargs, 2.0, p, seed, dt, c.strategy,
+                               True, True, True)
     frozen = w.packed if c.is_4bit else w
     for i, L in enumerate(launches):
-        L.label = _label(L, c, frozen)
+        L.label = _label(L, c, frozen, A, B)
         L.phase = "forward" if i < n_forward else "backward"
     return launches
 

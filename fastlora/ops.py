@@ -19,7 +19,8 @@ precision, as PEFT's fp32 adapters do under PyTorch's default (no TF32) matmul.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+import numbers
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -59,17 +60,35 @@ def _check_target_dtype(device, compute_dtype, x_dtype) -> None:
                         "newer is needed; use float16 (fp16=True in the Trainer, bnb_4bit_compute_dtype=float16)")
 
 
-def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, **epilogue):
-    """out = a · (Wᵀ or W) + bias + epilogue, by the chosen strategy.
+def _round_base(out_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """Whether the frozen product (+ bias) is rounded to ``compute_dtype`` before the LoRA term is
+    added. PEFT adds its LoRA term to the base layer's result, and that result is rounded wherever it
+    is computed in a 16-bit dtype: bitsandbytes returns X·Wᵀ + bias in its compute dtype, ``nn.Linear``
+    in the weight's dtype (an fp16 overflow there is ``inf`` before the LoRA term is added). Only an
+    fp32 frozen product reaches PEFT unrounded, and there the fused op keeps it unrounded too."""
+    return compute_dtype != torch.float32
 
-    Where ``out`` is wider than ``compute_dtype`` the frozen product (+ bias) is rounded to
-    ``compute_dtype`` before the LoRA term is added: bitsandbytes returns X·Wᵀ + bias rounded to its
-    compute dtype and PEFT adds the LoRA term to that, so both strategies give PEFT's rounding.
+
+def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, **epilogue):
+    """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy.
+
+    The frozen product (+ bias) is rounded to ``compute_dtype`` (see :func:`_round_base`) before the
+    LoRA term is added, so both strategies round where PEFT does.
+
+    ``term_first``: PEFT's 4-bit layer casts its LoRA term to the result dtype before adding it, and
+    autograd sums the two branches' dX in x's dtype: each term is rounded on its own, then the sum. In
+    fp16 that decides where ``inf`` appears (a term alone may overflow while the fp32 sum would not).
+    Then the LoRA term is written to ``out`` first (rounded to out's dtype) and the frozen product is
+    accumulated onto it; otherwise both are summed in fp32 and rounded once.
     """
-    round_base = out.dtype != compute_dtype and compute_dtype != torch.float32
+    round_base = _round_base(out.dtype, compute_dtype)
+    if term_first:
+        # out = LoRA term alone, rounded to out's dtype (the main loop is skipped: no frozen product)
+        lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, skip_main=True, **epilogue)
+        epilogue = {}
     if strategy == "fused":
         return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
-                           round_base=round_base, **epilogue)
+                           round_base=round_base, accumulate=term_first, **epilogue)
     # autocast would re-cast the cuBLAS product; the dtypes here are explicit ("meta": fastlora
     # inspect records the launches of a call on shape-only tensors, which autocast does not know)
     no_autocast = (torch.autocast(device_type=a.device.type, enabled=False) if a.device.type != "meta"
@@ -78,70 +97,181 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, *
         wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
         a_c = a.to(compute_dtype)
         wt = wd if trans_w else wd.t()
-        direct = out.dtype == compute_dtype and out.is_contiguous()
+        direct = not term_first and out.dtype == compute_dtype and out.is_contiguous()
         if bias is not None:
             b = bias.to(compute_dtype)
             prod = torch.addmm(b, a_c, wt, out=out) if direct else torch.addmm(b, a_c, wt)
         else:
             prod = torch.matmul(a_c, wt, out=out) if direct else torch.matmul(a_c, wt)
-        if not direct:
+        if term_first:
+            out.add_(prod.to(out.dtype))  # both rounded to out's dtype, then their sum
+        elif not direct:
             out.copy_(prod)
         del wd, wt, a_c, prod  # the [N, K] temporary lives only for this one product
+    if term_first:
+        return out
     return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True,
                        skip_main=True, **epilogue)
 
 
-class _LoRALinearFn(torch.autograd.Function):
+# ------------------------------------------------------------------------------------------------
+# the op, registered with torch.library
+#
+# torch.compile sees ``fastlora::lora_linear`` (and its backward) as one opaque node with a fake
+# (shape-only) implementation; Dynamo never traces into the Triton launches. The schema takes
+# tensors, ints, floats, a dtype and a string only, so the 4-bit weight travels as its pieces
+# (packed bytes, code, absmax, second-level absmax, its code, offset, N, K, blocksizes) and is put
+# back together as a Packed4bit inside. ``code`` is None for a dense weight.
+# ------------------------------------------------------------------------------------------------
+
+
+def weight_args(w) -> tuple:
+    """The frozen weight as the op's schema takes it (see :func:`_weight` for the way back)."""
+    if isinstance(w, Packed4bit):
+        return (w.packed, w.code, w.absmax, w.absmax2, w.code2, w.offset, w.N, w.K, w.blocksize, w.blocksize2)
+    return (w, None, None, None, None, None, w.shape[0], w.shape[1], 0, 0)
+
+
+def _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2):
+    if code is None:
+        return weight
+    return Packed4bit(packed=weight, N=N, K=K, blocksize=blocksize, code=code, absmax=absmax,
+                      absmax2=absmax2, code2=code2, blocksize2=blocksize2, offset=offset)
+
+
+def _resolve(strategy, M, N, K, w, device):
+    return choose_strategy(M, N, K, isinstance(w, Packed4bit), device) if strategy == "auto" else strategy
+
+
+def _forward_impl(
+    x2: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weight: torch.Tensor,
+    code: Optional[torch.Tensor], absmax: Optional[torch.Tensor], absmax2: Optional[torch.Tensor],
+    code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, blocksize2: int,
+    bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
+    compute_dtype: torch.dtype, strategy: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: returns Y [M, N] in x's dtype and H = D(X)·Aᵀ [M, r] fp32 (kept for backward)."""
+    w = _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2)
+    M = x2.shape[0]
+    r = lora_A.shape[0]
+    strategy = _resolve(strategy, M, N, K, w, x2.device)
+    drop = dropout_p > 0.0
+    h = torch.empty((M, r), dtype=torch.float32, device=x2.device)
+    lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=torch.float32,
+                dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
+                    term_first=code is not None and y.dtype == torch.float16,
+                    lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
+    return y, h
+
+
+# the op's real implementation is the plain function above (``fastlora inspect`` calls it directly,
+# on meta tensors, to record the launches a call makes)
+_lora_linear_op = torch.library.custom_op("fastlora::lora_linear", mutates_args=())(_forward_impl)
+
+
+@_lora_linear_op.register_fake
+def _(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+      bias, scaling, dropout_p, seed, compute_dtype, strategy):
+    M = x2.shape[0]
+    return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=torch.float32)
+
+
+def _backward_impl(
+    dy: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    weight: torch.Tensor, code: Optional[torch.Tensor], absmax: Optional[torch.Tensor],
+    absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+    N: int, K: int, blocksize: int, blocksize2: int,
+    scaling: float, dropout_p: float, seed: Optional[torch.Tensor], compute_dtype: torch.dtype, strategy: str,
+    need_x: bool, need_a: bool, need_b: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dX [M, K] in x's dtype, dA [r, K] in A's dtype, dB [N, r] in B's dtype); a gradient
+    not asked for is an empty tensor."""
+    w = _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2)
+    M = x2.shape[0]
+    r = lora_A.shape[0]
+    strategy = _resolve(strategy, M, N, K, w, dy.device)
+    drop = dropout_p > 0.0
+    dx = x2.new_empty((0,))
+    dA = lora_A.new_empty((0,))
+    dB = lora_B.new_empty((0,))
+    g = None
+    if need_x or need_a:
+        g = torch.empty((M, r), dtype=torch.float32, device=dy.device)   # G = dY·B
+        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=torch.float32)
+    if need_x:
+        dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
+        _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
+                        term_first=dx.dtype == torch.float16,
+                        lora_l=g, lora_r=lora_A, lora_scale=scaling,
+                        dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    if need_a:
+        dA32 = torch.empty((r, K), dtype=torch.float32, device=dy.device)   # s·Gᵀ·D(X)
+        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=torch.float32, out_scale=scaling,
+                    dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+        dA = dA32 if lora_A.dtype == torch.float32 else dA32.to(lora_A.dtype)
+    if need_b:
+        dB32 = torch.empty((N, r), dtype=torch.float32, device=dy.device)   # s·dYᵀ·H
+        lora_matmul(dy.t(), h, dB32, trans_w=True, compute_dtype=torch.float32, out_scale=scaling)
+        dB = dB32 if lora_B.dtype == torch.float32 else dB32.to(lora_B.dtype)
+    return dx, dA, dB
+
+
+_lora_linear_backward_op = torch.library.custom_op("fastlora::lora_linear_backward",
+                                                   mutates_args=())(_backward_impl)
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+      scaling, dropout_p, seed, compute_dtype, strategy, need_x, need_a, need_b):
+    M = x2.shape[0]
+    r = lora_A.shape[0]
+    return (x2.new_empty((M, K) if need_x else (0,)), lora_A.new_empty((r, K) if need_a else (0,)),
+            lora_B.new_empty((N, r) if need_b else (0,)))
+
+
+_N_INPUTS = 19  # the forward op's arguments
+
+
+def _setup_context(ctx, inputs, output):
     """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] fp32, the dropout seed (int64 [1]
-    on the device), and references to A, B and the frozen weight (the module's own storage; never a
+    on the device), A, B and the frozen weight's own tensors (the module's storage; never a
     dequantized W)."""
+    (x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+     bias, scaling, dropout_p, seed, compute_dtype, strategy) = inputs
+    ctx.save_for_backward(x2, output[1], lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset)
+    ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, strategy)
 
-    @staticmethod
-    def forward(ctx, x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, strategy):
-        M, K = x2.shape
-        r = lora_A.shape[0]
-        N = lora_B.shape[0]
-        drop = dropout_p > 0.0
-        h = torch.empty((M, r), dtype=torch.float32, device=x2.device)
-        lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=torch.float32,
-                    dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-        y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-        _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
-                        lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
-        ctx.save_for_backward(x2, h, lora_A, lora_B, seed)
-        ctx.w = w
-        ctx.cfg = (scaling, dropout_p, compute_dtype, strategy)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, h, lora_A, lora_B, seed = ctx.saved_tensors
-        w = ctx.w
-        scaling, dropout_p, compute_dtype, strategy = ctx.cfg
-        drop = dropout_p > 0.0
-        M, K = x2.shape
-        N, r = lora_B.shape
-        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx = dA = dB = None
-        g = None
-        if need_x or need_a:
-            g = torch.empty((M, r), dtype=torch.float32, device=dy.device)   # G = dY·B
-            lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=torch.float32)
-        if need_x:
-            dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
-            _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
-                            lora_l=g, lora_r=lora_A, lora_scale=scaling,
-                            dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-        if need_a:
-            dA = torch.empty((r, K), dtype=torch.float32, device=dy.device)   # s·Gᵀ·D(X)
-            lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=torch.float32, out_scale=scaling,
-                        dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-            dA = dA.to(lora_A.dtype)
-        if need_b:
-            dB = torch.empty((N, r), dtype=torch.float32, device=dy.device)   # s·dYᵀ·H
-            lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=torch.float32, out_scale=scaling)
-            dB = dB.to(lora_B.dtype)
-        return dx, dA, dB, None, None, None, None, None, None, None
+def _backward(ctx, dy, dh):
+    x2, h, lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset = ctx.saved_tensors
+    N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, strategy = ctx.cfg
+    need_x, need_a, need_b = ctx.needs_input_grad[:3]
+    dx, dA, dB = _lora_linear_backward_op(
+        dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+        scaling, dropout_p, seed, compute_dtype, strategy, need_x, need_a, need_b)
+    return (dx if need_x else None, dA if need_a else None, dB if need_b else None) + (None,) * (_N_INPUTS - 3)
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _number(value, name: str) -> float:
+    """A Python float from a number (or a one-element tensor that needs no gradient)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise ValueError(
+                f"{name} is a tensor that requires grad, but fastlora's op gives no gradient to {name} "
+                f"(PEFT keeps it a constant float): pass a float, or {name}.detach()"
+            )
+        return float(value)  # reads the value (a host sync on a GPU): pass a float on hot paths
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy):
@@ -181,6 +311,14 @@ def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy)
                              "(as PEFT's LoRA does); set requires_grad=False or use PEFT's own forward")
 
 
+def _seed_tensor(seed, device) -> torch.Tensor:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in int64, i.e. lie in [-2**63, 2**63), got {seed}")
+    return seed_tensor(int(seed), device)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -195,22 +333,32 @@ def lora_linear(
     strategy: str = "auto",
     seed: Optional[int] = None,
 ) -> torch.Tensor:
-    """What a PEFT LoRA layer computes, as one fused autograd op.
+    """What a PEFT LoRA layer computes, as one fused autograd op (``torch.ops.fastlora.lora_linear``,
+    opaque to ``torch.compile``).
 
-    x:           [..., K], float16 / bfloat16 / float32 (any strides)
+    x:           [..., K], float16 / bfloat16 / float32 (any strides; K may be 0)
     weight:      the frozen base weight: a bitsandbytes 4-bit packed weight (``Params4bit``, with
                  ``quant_state`` given or attached), a :class:`~fastlora.kernels.quant4.Packed4bit`,
                  or a dense [N, K] tensor
     lora_A:      [r, K]; lora_B: [N, r] (fp32 or x's dtype; they get gradients)
-    scaling:     PEFT's ``layer.scaling[adapter]`` (alpha/r, or alpha/sqrt(r) with rsLoRA)
+    scaling:     PEFT's ``layer.scaling[adapter]`` (alpha/r, or alpha/sqrt(r) with rsLoRA): a real
+                 number, or a one-element tensor that does not require grad (no gradient flows to it)
     bias:        [N] base bias or None (frozen)
-    dropout_p:   LoRA dropout probability (0 in eval); kept values scaled by 1/(1-p)
-    compute_dtype: dtype of the frozen product (bitsandbytes' compute_dtype); default x.dtype
+    dropout_p:   LoRA dropout probability (0 in eval), a real number; kept values scaled by 1/(1-p)
+    compute_dtype: dtype of the frozen product: bitsandbytes' compute_dtype for a 4-bit weight
+                 (default x's dtype), the weight's dtype for a dense weight (default the weight's
+                 dtype, as ``nn.Linear`` computes)
     strategy:    "fused", "dequant" or "auto" (see :func:`choose_strategy`)
-    seed:        dropout seed (int); when None it is drawn on x's device from that device's generator
+    seed:        dropout seed, an int in [-2**63, 2**63) (the kernels take an int64; anything else is
+                 a ValueError); when None it is drawn on x's device from that device's generator
                  (no host sync; ``torch.manual_seed`` and activation checkpointing, which restores
                  that generator, reproduce the mask; the CPU random stream is left alone on a GPU)
-    Returns [..., N] in x's dtype. No gradient flows to weight or bias.
+    Returns [..., N] in x's dtype. No gradient flows to weight, bias or scaling.
+
+    Rounding follows PEFT: the frozen product (+ bias) is rounded to the compute dtype before the
+    LoRA term is added whenever that dtype is 16-bit, so an fp16 overflow there gives ``inf`` as in
+    PEFT; with a 4-bit weight and fp16 activations the LoRA term is also rounded to fp16 on its own
+    before the sum, as PEFT's 4-bit layer does (and in backward, dX's two terms, as autograd sums them).
     """
     if isinstance(weight, Packed4bit):
         w = weight
@@ -226,20 +374,21 @@ def lora_linear(
     N, K = (w.N, w.K) if isinstance(w, Packed4bit) else tuple(w.shape)
     if compute_dtype is None:
         compute_dtype = x.dtype if isinstance(w, Packed4bit) else w.dtype
-    _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, float(dropout_p), strategy)
+    scaling = _number(scaling, "scaling")
+    dropout_p = _number(dropout_p, "dropout_p")
+    _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy)
     _check_target_dtype(x.device, compute_dtype, x.dtype)
-    scaling = float(scaling)
-    dropout_p = float(dropout_p)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # a view whenever x's strides allow it
-    M = x2.shape[0]
-    if strategy == "auto":
-        strategy = choose_strategy(M, N, K, isinstance(w, Packed4bit), x.device)
+    M = 1
+    for d in lead:
+        M *= d
+    x2 = x.reshape(M, K)  # a view whenever x's strides allow it; M given: reshape(-1, 0) is ambiguous
     if dropout_p == 0.0:
         seed_t = None
     elif seed is None:
         seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
     else:
-        seed_t = seed_tensor(seed, x.device)
-    y = _LoRALinearFn.apply(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed_t, compute_dtype, strategy)
+        seed_t = _seed_tensor(seed, x.device)
+    wargs = weight_args(w)
+    y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype, strategy)
     return y.reshape(*lead, N)

@@ -3,8 +3,13 @@
 One generic patcher keyed on PEFT layer types, no per-model code. For every
 ``peft.tuners.lora.bnb.Linear4bit`` (over a bitsandbytes ``Linear4bit``) and every
 ``peft.tuners.lora.layer.Linear`` (over a plain ``nn.Linear``) the *instance's* ``forward`` is
-rebound to :func:`_patched_forward`; PEFT's own forward is kept and :func:`unpatch` restores it.
-PEFT's source is never rewritten.
+rebound to :func:`_patched_forward` (a ``functools.partial`` of that module-level function and the
+layer, stored in the instance's ``__dict__``, so a patched model pickles, deep-copies and loads back
+patched); PEFT's own forward is kept and :func:`unpatch` restores it. PEFT's source is never rewritten.
+
+``torch.compile``: the fused op is the custom op ``torch.ops.fastlora.lora_linear``, which Dynamo
+keeps as one node; the per-call decision below reads module attributes only (no ``data_ptr()``), so
+Dynamo traces it into guards and the compiled graph does not break at patched layers.
 
 The choice between the fused op and PEFT's forward is made on **every call**, from what the layer
 holds at that moment (adapters, scaling, dropout module and its training flag, merged/disabled
@@ -20,8 +25,10 @@ bitsandbytes 0.50 ``Linear4bit.forward``):
   ``set_compute_type`` when not set: done here the same way), computes X·Wᵀ + bias there and casts
   back to x's dtype. Under autocast on x's device its inner ``F.linear`` runs in the autocast dtype
   instead (bias included). PEFT adds the LoRA term cast to that result dtype. The fused op gives x's
-  dtype, the frozen product in the same compute dtype, the LoRA term in fp32 (at least as precise as
-  PEFT's, which runs in the adapter dtype or, under autocast, in the autocast dtype).
+  dtype, the frozen product in the same compute dtype and rounded there, as bitsandbytes rounds it,
+  the LoRA term in fp32 (at least as precise as PEFT's, which runs in the adapter dtype or, under
+  autocast, in the autocast dtype), rounded to fp16 on its own before the sum when x is fp16, as PEFT
+  rounds it (so fp16 overflows give inf where PEFT's do; see ``fastlora.ops._frozen_product``).
 - dense: ``nn.Linear`` needs x in the weight's dtype (PEFT's forward raises otherwise: it is left to
   raise); under autocast everything runs in the autocast dtype and that is the result dtype.
 - several active adapters: PEFT sums their terms. The fused op runs them as one adapter of rank
@@ -32,6 +39,7 @@ bitsandbytes 0.50 ``Linear4bit.forward``):
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -79,6 +87,8 @@ FALLBACK_REASONS: Dict[str, str] = {
     "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward/backward hooks or its own "
                     "forward, or global module hooks are registered (accelerate offload, user hooks): "
                     "PEFT's forward runs them, the fused op would not",
+    "sharded": "the weight, bias or an adapter is a sharded DTensor (FSDP2 outside its unshard): the fused op "
+               "reads whole tensors only",
     "autocast_compute_dtype": "autocast is on with a dtype other than bitsandbytes' compute_dtype: "
                               "bitsandbytes then picks the dtype by batch size (its small-batch kernel "
                               "ignores autocast), which the fused op does not reproduce",
@@ -102,6 +112,7 @@ class PatchReport:
     fused_calls: int = 0
     fallback_calls: collections.Counter = field(default_factory=collections.Counter)
     kinds: Dict[str, str] = field(default_factory=dict)  # name -> "4bit" | "dense"
+    restored: List[str] = field(default_factory=list)  # patched layers re-created by pickle / deepcopy
     _logged: set = field(default_factory=set, repr=False)
 
     def summary(self) -> str:
@@ -120,16 +131,33 @@ class PatchReport:
 
     def _fallback(self, name: str, reason: str) -> None:
         self.fallback_calls[reason] += 1
-        if (name, reason) not in self._logged:
+        # a logging call would break a torch.compile graph; the count above is kept either way
+        if (name, reason) not in self._logged and not torch.compiler.is_compiling():
             self._logged.add((name, reason))
             logger.debug("%s runs PEFT's forward: %s (%s)", name, reason, FALLBACK_REASONS[reason])
 
 
 class _LayerPatch:
     """Per-layer record kept on the module instance: the report, the name, the kind, and the last
-    Packed4bit view of the layer's weight (see :meth:`packed_for`)."""
+    Packed4bit view of the layer's weight (see :meth:`packed_for`).
+
+    Pickles with the layer (``torch.save(model)``, ``copy.deepcopy``): the report and the name travel,
+    the Packed4bit view does not (it is rebuilt from the loaded tensors on the first call), and the
+    layer's name is added to ``report.restored``."""
 
     __slots__ = ("report", "name", "kind", "packed_key", "packed")
+
+    def __getstate__(self):
+        return {"report": self.report, "name": self.name, "kind": self.kind}
+
+    def __setstate__(self, state):
+        self.report = state["report"]
+        self.name = state["name"]
+        self.kind = state["kind"]
+        self.packed_key = None
+        self.packed = None
+        if self.name not in self.report.restored:
+            self.report.restored.append(self.name)
 
     def __init__(self, report, name, kind):
         self.report = report
@@ -141,7 +169,12 @@ class _LayerPatch:
     def packed_for(self, weight, qs):
         """The Packed4bit for (weight, quant_state) as they are now. Rebuilt whenever the weight's
         storage, the quant_state or any of its tensors is another object than last call: reading at
-        call time without re-validating the same objects on every call."""
+        call time without re-validating the same objects on every call.
+
+        Under torch.compile the view is built afresh while tracing (no cache, no ``data_ptr()``):
+        it is a few views and attribute reads, which Dynamo turns into guards on the same objects."""
+        if torch.compiler.is_compiling():
+            return from_bnb(weight, qs)
         state2 = getattr(qs, "state2", None)
         key = (weight, weight.data_ptr(), qs, qs.absmax, qs.absmax.data_ptr(), getattr(qs, "code", None),
                getattr(qs, "offset", None), state2, getattr(state2, "absmax", None), qs.quant_type,
@@ -237,6 +270,15 @@ def _global_hooks() -> bool:
                 or _m._global_backward_pre_hooks)
 
 
+def _is_sharded(*tensors) -> bool:
+    """True when any tensor is a DTensor (FSDP2's sharded parameters outside its unshard window)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(t, DTensor) for t in tensors if t is not None)
+
+
 def _plan(layer, st, x, args, kwargs):
     """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
     if kwargs.get("adapter_names") is not None:
@@ -256,6 +298,8 @@ def _plan(layer, st, x, args, kwargs):
         if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a):
             return "lora_variant"
         lA, lB = layer.lora_A[a], layer.lora_B[a]
+        if _is_sharded(getattr(lA, "weight", None), getattr(lB, "weight", None)):
+            return "sharded"  # an FSDP2 unit of its own: whole only inside its own forward
         if getattr(layer, "lora_bias", {}).get(a, False) or getattr(lB, "bias", None) is not None:
             return "lora_bias"
         if type(lA) is not nn.Linear or type(lB) is not nn.Linear or lA.bias is not None:
@@ -279,6 +323,8 @@ def _plan(layer, st, x, args, kwargs):
                                or _has_hooks(layer.lora_dropout[a]) for a in adapters):
         return "module_hooks"
     weight, bias = base.weight, base.bias
+    if _is_sharded(weight, bias, *As, *Bs):
+        return "sharded"
     dev = x.device
     if not can_run_on(dev):
         return "device"
@@ -359,7 +405,9 @@ def _call_prev(layer, st, x, args, kwargs):
 
 
 def _patched_forward(self, x, *args, **kwargs):
-    """The forward a patched layer runs: the fused op when it gives PEFT's result, else PEFT's."""
+    """The forward a patched layer runs: the fused op when it gives PEFT's result, else PEFT's.
+    Stored on the layer as ``functools.partial(_patched_forward, layer)``: it pickles by reference to
+    this module-level function."""
     st = self.__dict__[_STATE_ATTR]
     plan = _plan(self, st, x, args, kwargs)
     if isinstance(plan, str):
@@ -379,6 +427,23 @@ def _patched_forward(self, x, *args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 
 
+def _peft_method(layer) -> str:
+    """'IA3 (peft.tuners.ia3.layer.Linear)': the PEFT method of a tuner layer, from the tuner package
+    its class lives in (peft.tuners.<method>.*), spelled as PEFT's PeftType spells it."""
+    cls = f"{type(layer).__module__}.{type(layer).__qualname__}"
+    parts = type(layer).__module__.split(".")
+    method = parts[2] if len(parts) > 2 and parts[:2] == ["peft", "tuners"] else None
+    if method is None:
+        return cls
+    try:
+        from peft.utils import PeftType
+
+        names = {t.value.lower(): t.value for t in PeftType}
+    except ImportError:
+        names = {}
+    return f"{names.get(method, method.upper())} ({cls})"
+
+
 def _lora_layers(model, what: str):
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -391,7 +456,7 @@ def _lora_layers(model, what: str):
         try:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            other = sorted({type(m).__name__ for m in model.modules() if isinstance(m, BaseTunerLayer)})
+            other = sorted({_peft_method(m) for m in model.modules() if isinstance(m, BaseTunerLayer)})
         except ImportError:
             other = []
         n_linear = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
@@ -427,7 +492,7 @@ def patch(model: nn.Module) -> PatchReport:
             continue
         layer.__dict__[_STATE_ATTR] = _LayerPatch(report, name, kind)
         # an instance attribute shadows the class's forward for this module only
-        layer.__dict__["forward"] = _patched_forward.__get__(layer, type(layer))
+        layer.__dict__["forward"] = functools.partial(_patched_forward, layer)
         report.patched.append(name)
         report.kinds[name] = kind
 
@@ -450,6 +515,11 @@ def patch(model: nn.Module) -> PatchReport:
     return report
 
 
+def _is_our_forward(fn, layer) -> bool:
+    return (isinstance(fn, functools.partial) and fn.func is _patched_forward and len(fn.args) == 1
+            and fn.args[0] is layer and not fn.keywords)
+
+
 def unpatch(model: nn.Module) -> List[str]:
     """Restore PEFT's forward on every layer :func:`patch` changed. Returns the restored names."""
     if not isinstance(model, nn.Module):
@@ -458,7 +528,7 @@ def unpatch(model: nn.Module) -> List[str]:
     for name, layer in model.named_modules():
         if _STATE_ATTR not in layer.__dict__:
             continue
-        if getattr(layer.__dict__.get("forward"), "__func__", None) is not _patched_forward:
+        if not _is_our_forward(layer.__dict__.get("forward"), layer):
             # something wrapped the patched forward after patch(): removing it would drop that
             # wrapper too, so the layer stays patched (and keeps working)
             wrapped.append(name)

@@ -68,7 +68,8 @@ def save_llama(path: Optional[str] = None, config=None, seed: int = 0, dtype=tor
     return path
 
 
-def bnb_4bit_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16):
+def bnb_4bit_config(quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.bfloat16,
+                    quant_storage=torch.uint8):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -76,6 +77,7 @@ def bnb_4bit_config(quant_type: str = "nf4", double_quant: bool = True, compute_
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,  # FSDP-QLoRA stores the 4-bit bytes in the compute dtype
     )
 
 

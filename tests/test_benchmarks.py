@@ -108,10 +108,14 @@ def test_layer_records(smoke_dir):
         if ON_GPU:
             assert m["peak_bytes"] > 0
         if c["provider"] in ("fastlora-auto", "fastlora-patched"):
-            # what ran, told by its outputs (bitwise equal to one explicit strategy's), not by the rule
-            assert c["strategy_observed"] in ("fused", "dequant"), f"{where}: {c['strategy_observed']}"
-            assert c["strategy_observed"] == c["auto_strategy"], \
-                f"{where}: ran {c['strategy_observed']}, choose_strategy says {c['auto_strategy']}"
+            # what ran, told by its outputs (bitwise equal to one explicit strategy's), not by the rule.
+            # Both strategies round the frozen product to bf16 before the LoRA term, as PEFT does, so
+            # at small shapes their Y and dX can agree bit for bit ("indistinguishable"): consistent
+            # with either; "neither", or the other strategy alone, is a failure
+            observed = c["strategy_observed"]
+            assert observed in ("fused", "dequant", "indistinguishable"), f"{where}: {observed}"
+            if observed != "indistinguishable":
+                assert observed == c["auto_strategy"], f"{where}: ran {observed}, choose_strategy says {c['auto_strategy']}"
         if c["provider"] == "fastlora-patched":
             assert m["patch_patched_layers"] == 1 and m["patch_fused_calls"] > 0, f"{where}: {m}"
             assert not m["patch_fallback_calls"], f"{where}: patched layer fell back: {m['patch_fallback_calls']}"

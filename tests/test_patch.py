@@ -642,3 +642,98 @@ def test_unpatch_leaves_a_later_wrapper_in_place():
     y = pm(x)
     assert report.fused_calls == 1
     assert_within_rule("wrapped Y", y, ref(x).double(), ref(x), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# fp16 overflow: inf where PEFT gives inf
+# ------------------------------------------------------------------------------------------------
+
+
+def _overflow_model(kind, v, b):
+    """One fp16 layer (4-bit: fp16 compute) built so that row 0 of X·Wᵀ is 80·v in columns 0 and 1,
+    the LoRA term at [0, 0] is s·v·b (s = 2) and dX's terms at row 0 are dy[0,0] + dy[0,1] (base) and
+    s·dy[0,0]·b/80 (LoRA). W (rows 0 and 1 all ones, zeros elsewhere) is exact in NF4."""
+    w = torch.zeros(N_OUT, K_IN)
+    w[:2] = 1.0
+    dense = nn.Linear(K_IN, N_OUT, bias=False)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+    if kind == "dense":
+        base = dense.to(device=DEVICE, dtype=torch.float16).requires_grad_(False)
+    else:
+        base = bnb.nn.Linear4bit(K_IN, N_OUT, bias=False, compute_dtype=torch.float16, quant_type="nf4",
+                                 compress_statistics=True)
+        base.load_state_dict(dense.state_dict())
+        base = base.to(DEVICE)
+    toy = Toy(proj=base)
+    toy.is_loaded_in_4bit = kind == "4bit"
+    pm = get_peft_model(toy, LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    layer = layer_of(pm)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.zero_()[0] = 1.0 / K_IN
+        layer.lora_B["default"].weight.zero_()[0, 0] = b
+    assert layer.scaling["default"] == 2.0 and layer.lora_A["default"].weight.dtype == torch.float32
+    return pm
+
+
+# (v, b, dy[0, 0], dy[0, 1]): which part overflows fp16 on its own, while the fp32 sum would not
+OVERFLOW_CASES = {
+    # X·Wᵀ = 70000 (inf in fp16), LoRA -20000; dY·W = 70000, LoRA dX -10000
+    "base": (875.0, -20000.0 / (2 * 875.0), 35000.0, 35000.0),
+    # X·Wᵀ = -10000, LoRA 70000 (inf once rounded to fp16); dY·W = -10000, LoRA dX 70000
+    "lora_term": (-125.0, 70000.0 / (2 * -125.0), -10000.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOW_CASES))
+@pytest.mark.parametrize("kind", ["dense", "4bit"])
+def test_fp16_overflow_like_peft(kind, case):
+    """fp16 activations and compute: Y and dX are inf exactly where PEFT's are (the loss scaler of
+    fp16 mixed precision relies on them), and equal PEFT's elsewhere within fp16 rounding. PEFT rounds
+    the base result to fp16 before adding the LoRA term; its 4-bit layer also rounds the LoRA term to
+    fp16 first (the dense one adds it in fp32); autograd sums the two branches' dX in fp16."""
+    v, b, dy00, dy01 = OVERFLOW_CASES[case]
+    pm = _overflow_model(kind, v, b)
+    ref, report = patched_pair(pm)
+    x = (rand(3, K_IN) * 0.5).to(torch.float16)
+    x[0] = v
+    dy = (rand(3, N_OUT) * 0.5).to(torch.float16)
+    dy[0, 0], dy[0, 1] = dy00, dy01
+    y, dx, _ = run(pm, x, dy, ["default"])
+    y_ref, dx_ref, _ = run(ref, x, dy, ["default"])
+    assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, dict(report.fallback_calls))
+    assert torch.isinf(y_ref).any() or torch.isinf(dx_ref).any(), "the case overflows nowhere in PEFT: it tests nothing"
+    for name, mine, theirs in (("Y", y, y_ref), ("dX", dx, dx_ref)):
+        inf_mine, inf_ref = torch.isinf(mine), torch.isinf(theirs)
+        assert torch.equal(inf_mine, inf_ref), (
+            f"{kind} {case}: {name} is inf at {inf_mine.nonzero().tolist()}, PEFT's at {inf_ref.nonzero().tolist()}")
+        assert torch.equal(torch.sign(mine[inf_mine]), torch.sign(theirs[inf_ref]))
+        fin = ~inf_ref
+        torch.testing.assert_close(mine[fin].float(), theirs[fin].float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["IA3", "LOHA"])
+def test_other_peft_methods_named_in_the_error(method):
+    from peft import IA3Config, LoHaConfig
+
+    toy = Toy(proj=make_base("dense", dtype=torch.float32))
+    cfg = (IA3Config(target_modules=["proj"], feedforward_modules=[]) if method == "IA3"
+           else LoHaConfig(r=4, alpha=8, target_modules=["proj"]))
+    pm = get_peft_model(toy, cfg)
+    with pytest.raises(ValueError, match=rf"PEFT layers of other methods \({method} \(peft\.tuners\.\w+\.layer\.Linear\)\)"):
+        fastlora.patch(pm)
+
+
+def test_zero_in_features_like_peft():
+    """nn.Linear(0, N): PEFT's output is the bias; the patched layer runs the fused op and agrees."""
+    torch.manual_seed(0)
+    base = nn.Linear(0, N_OUT).to(DEVICE).requires_grad_(False)
+    pm = get_peft_model(Toy(proj=base), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    ref, report = patched_pair(pm)
+    x = torch.empty(3, 0, device=DEVICE, requires_grad=True)
+    y = pm(x)
+    y_ref = ref(x)
+    assert report.fused_calls == 1 and not report.fallback_calls, dict(report.fallback_calls)
+    assert torch.equal(y, y_ref)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0)
