@@ -577,9 +577,9 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
     if target not in inspection.TARGETS:  # a GPU the table lacks: its nearest entry's figures
         target = device_target(device).figures_from or "sm_90"
     calls = {}
-    for case in todo:
+    for i, case in enumerate(todo):
         for strategy in ("fused", "dequant"):
-            calls[(case, strategy)] = inspection.Call(case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4",
+            calls[(i, strategy)] = inspection.Call(case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4",
                                                        True, 64, strategy, "train", case.proj)
     try:
         reports = inspection.run(list(calls.values()), [target])
@@ -587,12 +587,12 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
         harness.log(f"  {MODEL_PROVIDER}: not available ({type(exc).__name__}: {exc})")
         return
     by_call = {id_: rep for id_, rep in zip(calls, reports)}
-    for case in todo:
+    for i, case in enumerate(todo):
         auto = fastlora.choose_strategy(case.M, case.N, case.K, True, device, target=inspection.get_target(target))
         for mode in modes:
             def us(rep):
                 return rep.model_us if mode == "forward+backward" else rep.phase_us(mode)
-            fused, deq = by_call[(case, "fused")], by_call[(case, "dequant")]
+            fused, deq = by_call[(i, "fused")], by_call[(i, "dequant")]
             metrics = {"model_us_fused": us(fused), "model_us_dequant": us(deq),
                        "model_us_auto": us(fused if auto == "fused" else deq),
                        "floor_us_step": fused.floor_us, "fits": fused.ok and deq.ok}

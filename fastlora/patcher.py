@@ -50,6 +50,7 @@ from torch import nn
 
 from .format import from_bnb, get_quant_state
 from .kernels._interpreter import can_run_on
+from .kernels._launch import launch_target
 from .ops import FLOAT_DTYPES, lora_linear
 
 logger = logging.getLogger("fastlora")
@@ -84,6 +85,8 @@ FALLBACK_REASONS: Dict[str, str] = {
     "quant_state": "no usable bitsandbytes 4-bit quant_state (missing, unknown quant type or layout)",
     "packed_for_cpu": "bitsandbytes repacked the weight for its CPU inference kernel",
     "dtype": "dtypes PEFT would reject or promote differently (x vs weight, A vs B, autocast result)",
+    "device_dtype": "bfloat16 on a GPU below compute capability 8.0 (T4 and older): fastlora's kernels need "
+                    "bf16 tensor cores there; PEFT's forward runs as it would without fastlora",
     "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward/backward hooks or its own "
                     "forward, or global module hooks are registered (accelerate offload, user hooks): "
                     "PEFT's forward runs them, the fused op would not",
@@ -388,6 +391,9 @@ def _plan(layer, st, x, args, kwargs):
         w = weight
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
+    target = launch_target(dev)
+    if target is not None and not target.has_bf16 and torch.bfloat16 in (compute, x_in.dtype):
+        return "device_dtype"
 
     if len(adapters) == 1:
         lora_A, lora_B, scaling = As[0], Bs[0], scalings[0]

@@ -65,6 +65,21 @@ def _use_flat_bnb_cpu_dequant() -> None:
     torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequant_flat)
 
 
+def _no_bnb_cpu_repack() -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight for a CPU inference
+    kernel at the first eval-mode, no-grad forward (and asserts out_features % 32 == 0 while doing it).
+    That is a CPU-only inference format, not the layout bitsandbytes' GPU path (the one fastlora
+    serves) uses; fastlora's patcher leaves such layers on PEFT's forward ("packed_for_cpu"). The
+    tests compare against the GPU semantics on every CPU, so the repack is turned off here, as it is
+    on CPUs without AVX512-BF16."""
+    import bitsandbytes.nn.modules as modules
+
+    modules.has_avx512bf16 = lambda: False
+
+
+if not ON_GPU:
+    _no_bnb_cpu_repack()
+
 if not ON_GPU and not _bnb_cpu_dequant_is_flat():
     import warnings as _warnings
 

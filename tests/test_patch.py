@@ -737,3 +737,18 @@ def test_zero_in_features_like_peft():
     assert torch.equal(y, y_ref)
     y.sum().backward()
     assert x.grad.shape == (3, 0)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_fallback_bf16_below_sm80(kind):
+    """On a GPU without bf16 (sm_75, the T4) a bf16 layer keeps PEFT's forward, with its reason, and
+    PEFT's result bit for bit. The interpreter is told to launch as on that target."""
+    from fastlora.kernels import _launch
+
+    pm = make_model(kind)
+    ref, report = patched_pair(pm)
+    x = rand(3, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32)
+    with _launch.tiles_for("sm_75"):
+        assert_fallback(pm, ref, report, "device_dtype", lambda m: m(x))
+    pm(x)
+    assert report.fused_calls == 1, "on a bf16-capable target the same call runs fused"
