@@ -9,7 +9,9 @@ tile). Nothing about tiles is decided anywhere else.
 
 Kinds of product (see ``lora_matmul.py`` for the products themselves):
 
-    frozen4     Y = X·Wᵀ / dX = dY·W with W decoded from 4 bits in the main loop
+    frozen4     Y = X·Wᵀ / dX = dY·W with W decoded from 4 bits in the main loop (the wide decode:
+                K even and a multiple of the blocksize, every Llama/Qwen/Mistral projection)
+    frozen4_flat  the same with the per-element decode (odd K, blocks straddling rows)
     dense       the same over a dense fp16/bf16 W
     lora        H = D(X)·Aᵀ, G = dY·B, dA, dB: fp32 products with one small dimension (the rank)
     epilogue    the LoRA term + bias + mask on an output cuBLAS already holds (no main loop)
@@ -48,7 +50,7 @@ class TileConfig:
         return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
 
 
-KINDS = ("frozen4", "dense", "lora", "epilogue", "dequant")
+KINDS = ("frozen4", "frozen4_flat", "dense", "lora", "epilogue", "dequant")
 
 _C = TileConfig
 _INF = 1 << 62
@@ -58,6 +60,7 @@ _INF = 1 << 62
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     "sm_90": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
@@ -65,6 +68,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     },
     "sm_80": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
@@ -72,6 +76,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     },
     "sm_8x": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
         "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
@@ -81,6 +86,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
         "frozen4": [(_INF, _C(16, 64, 32, 4, 1))],
+        "frozen4_flat": [(_INF, _C(16, 64, 32, 4, 1))],
         "dense": [(_INF, _C(32, 64, 32, 4, 1))],
         "lora": [(_INF, _C(32, 32, 32, 4, 1, 16))],
         "epilogue": [(_INF, _C(32, 64, 16, 4, 1))],
@@ -141,5 +147,5 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileC
         return c
     bm = _pow2_clamp(M, 16, c.block_m)
     bj = _pow2_clamp(J, 16, c.block_j)
-    bi = c.block_i if kind == "frozen4" else _pow2_clamp(I, 16, c.block_i)
+    bi = c.block_i if kind.startswith("frozen4") else _pow2_clamp(I, 16, c.block_i)
     return _C(bm, bj, bi, c.num_warps, c.num_stages, c.split)

@@ -210,12 +210,12 @@ def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype) -> str:
+def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool = True) -> str:
     """Which row of the launch-configuration tables a product uses (see ``configs.py``)."""
     if skip_main:
         return "epilogue"
     if is_4bit:
-        return "frozen4"
+        return "frozen4" if wide else "frozen4_flat"
     return "lora" if compute_dtype == torch.float32 else "dense"
 
 
@@ -295,7 +295,7 @@ def lora_matmul(
     _interpreter.ensure()
 
     target = _launch.launch_target(a.device)
-    kind = _kind(is_4bit, skip_main, compute_dtype)
+    kind = _kind(is_4bit, skip_main, compute_dtype, is_4bit and wide_decode_ok(w))
     cfg = configs.select(kind, M, J, I, target)
     BM, BJ, BI, warps, stages = cfg.as_tuple()
     # the wide decode where the layout allows it; the MMA with W as its first operand for the small-M

@@ -85,6 +85,24 @@ def test_layer_records(smoke_dir):
     recs = _records(smoke_dir / "layer.jsonl")
     seen, hand_checked = set(), set()
     eps16, eps32 = torch.finfo(torch.bfloat16).eps, torch.finfo(torch.float32).eps
+    models = [r for r in recs if r["config"].get("provider") == bench_layer.MODEL_PROVIDER]
+    recs = [r for r in recs if r["config"].get("provider") != bench_layer.MODEL_PROVIDER]
+    # the model column: fastlora inspect's figures for sm_90 (a CPU run), never a performance claim
+    assert {(r["config"]["M"], r["config"]["proj"], r["config"]["mode"]) for r in models} == \
+        {(r["config"]["M"], r["config"]["proj"], r["config"]["mode"]) for r in recs}
+    for rec in models:
+        c, m = rec["config"], rec["metrics"]
+        assert rec["performance_claim"] is False and "not a measurement" in c["model"]
+        assert c["model_target"] == ("sm_90" if not ON_GPU else c["model_target"])
+        assert m["fits"] is True
+        assert 0 < m["model_us_fused"] and 0 < m["model_us_dequant"] and m["floor_us_step"] > 0
+        assert m["model_us_auto"] == m[f"model_us_{c['auto_strategy']}"]
+        if c["mode"] == "forward+backward":
+            fwd = next(r for r in models if r["config"]["M"] == c["M"] and r["config"]["proj"] == c["proj"]
+                       and r["config"]["mode"] == "forward")["metrics"]
+            bwd = next(r for r in models if r["config"]["M"] == c["M"] and r["config"]["proj"] == c["proj"]
+                       and r["config"]["mode"] == "backward")["metrics"]
+            assert m["model_us_fused"] == pytest.approx(fwd["model_us_fused"] + bwd["model_us_fused"])
     for rec in recs:
         c, m = rec["config"], rec["metrics"]
         where = f"layer {c.get('proj')} M={c.get('M')} {c.get('provider')} {c.get('mode')}"

@@ -37,10 +37,15 @@ def _matrix_calls(dtypes):
     return calls
 
 
+# shapes no projection has, which take the per-element decode (K odd, blocks straddling rows)
+ODD_SHAPES = {"40x80": (40, 80), "45x131": (45, 131)}
+
+
 @pytest.fixture(scope="module")
 def matrix():
     """{target: [CallReport]} for the whole matrix (one worker process, one compile per specialization)."""
-    reports = ins.run(_matrix_calls(("bf16", "fp16")), GPU_TARGETS)
+    odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
+    reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd, GPU_TARGETS)
     reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",))
     out = {}
     for r in reports:
@@ -59,7 +64,7 @@ def test_every_launch_compiles_fits_and_does_not_spill(matrix, target):
     reports = matrix[target]
     dtypes = {r.call.dtype for r in reports}
     assert dtypes == ({"fp16"} if target == "sm_75" else {"bf16", "fp16"})
-    assert {r.call.M for r in reports} == set(ins.DEFAULT_M)
+    assert {r.call.M for r in reports} >= set(ins.DEFAULT_M)
     limit = TARGETS[target].smem_per_block
     bad = []
     n = 0
