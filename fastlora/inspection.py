@@ -605,6 +605,36 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(reports: Sequence[CallReport]) -> str:
+    """Per target: do all kernels fit, their largest register count and spill bytes, and per M the
+    training step of the strategy fastlora picks there (``choose_strategy``), model against floor,
+    summed over the shapes inspected."""
+    from .ops import choose_strategy
+
+    ms = sorted({r.call.M for r in reports})
+    head = ("| target | GPU | every kernel fits | max registers | spill bytes | "
+            + " | ".join(f"M = {m}: step {MODEL} / floor (µs)" for m in ms) + " |")
+    lines = [head, "|" + "---|" * (5 + len(ms))]
+    for tname in dict.fromkeys(r.target for r in reports):
+        t = get_target(tname)
+        rs = [r for r in reports if r.target == tname]
+        launches = [L for r in rs for L in r.launches]
+        cells = []
+        for m in ms:
+            picked = [r for r in rs if r.call.M == m and r.call.mode == "train"
+                      and r.call.strategy == choose_strategy(m, r.call.N, r.call.K, r.call.is_4bit, None, target=t)]
+            if not picked:
+                cells.append("–")
+                continue
+            model = sum(r.model_us for r in picked)
+            floor = sum(r.floor_us for r in picked)
+            cells.append(f"{picked[0].call.strategy}: {model:,.0f} / {floor:,.0f} ({model / floor:.2f}×)")
+        lines.append(f"| {tname} | {t.gpu} | {'yes' if all(L.fits for L in launches) else 'NO'} | "
+                     f"{max(L.facts.registers for L in launches)} | "
+                     f"{sum(L.facts.stack + L.facts.local for L in launches)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _parse_shapes(items: Optional[Sequence[str]]) -> Dict[str, tuple]:
     if not items:
         return dict(LLAMA3_8B_SHAPES)
@@ -637,6 +667,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     ap.add_argument("--arch", default=",".join(DEFAULT_TARGETS), help="targets, comma separated (sm_75,...,sm_90)")
     ap.add_argument("--summary", action="store_true", help="one line per call and target, no per-kernel rows")
+    ap.add_argument("--markdown", action="store_true",
+                    help="one markdown table: per target, fits / registers / spills and the training step of "
+                         "fastlora's pick against its floor per M (summed over the shapes)")
     ap.add_argument("--json", metavar="PATH", help="also write the full report as JSON ('-' for stdout only)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -658,7 +691,10 @@ def main(argv=None) -> int:
                       modes=("train", "infer") if args.mode == "both" else (args.mode,))
     skipped = [t for t in targets if args.dtype == "bf16" and not get_target(t).has_bf16]
     reports = run(calls, targets)
-    if args.json != "-":
+    if args.markdown:
+        print(format_markdown(reports))
+        print(f"\nThe µs figures are a static speed-of-light {MODEL} (fastlora/inspection.py), not measurements.")
+    elif args.json != "-":
         print(format_reports(reports, detail=not args.summary))
         for t in skipped:
             print(f"{t}: no bf16 support (compute capability < 8.0): fastlora falls back to PEFT there; "

@@ -26,29 +26,28 @@ import torch
 
 from .format import from_bnb
 from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul, seed_tensor
+from .kernels import configs
 from .kernels._launch import launch_target
 from .kernels.quant4 import Packed4bit, dequantize_4bit
 
 STRATEGIES = ("fused", "dequant")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# The M (tokens) at and above which "dequant" is chosen. A heuristic until the GPU measurements of
-# the layer benchmark replace it: at small M the layer is memory bound and reading W as 4 bits inside
-# the GEMM wins; at large M it is tensor-core bound, where cuBLAS on a dequantized W is the floor
-# (bitsandbytes' own fused 4-bit inference GEMM stops at M = 1536 for the same reason).
+# The M (tokens) at and above which "dequant" is chosen where no GPU target applies (Triton's CPU
+# interpreter); on a GPU the per-family thresholds of ``kernels.configs.DEQUANT_MIN_TOKENS`` apply.
 DEQUANT_MIN_TOKENS = 1024
 
 
 def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device, target=None) -> str:
-    """The one rule that picks a strategy for a layer call (see DEQUANT_MIN_TOKENS). For a dense base,
-    "dequant" means cuBLAS on the weight as it is. ``target`` (a ``kernels.targets.Target``) defaults
-    to the device's (``kernels._launch.launch_target``): below compute capability 8.0 Triton lowers
-    ``tl.dot`` to FMA instructions (no tensor cores), so there the frozen product always goes to cuBLAS."""
-    if target is None:
+    """The one rule that picks a strategy for a layer call: "dequant" from the GPU family's token
+    count in ``kernels.configs.DEQUANT_MIN_TOKENS`` (set from ``fastlora inspect``'s model; always on
+    sm_75, where Triton lowers ``tl.dot`` to FMA instructions), else "fused"; DEQUANT_MIN_TOKENS here
+    where no GPU target applies (the interpreter). For a dense base, "dequant" means cuBLAS on the
+    weight as it is. ``target`` (a ``kernels.targets.Target``) defaults to the device's."""
+    if target is None and device is not None:
         target = launch_target(device)
-    if target is not None and target.cc < 80:
-        return "dequant"
-    return "fused" if M < DEQUANT_MIN_TOKENS else "dequant"
+    threshold = DEQUANT_MIN_TOKENS if target is None else configs.DEQUANT_MIN_TOKENS[configs.family(target)]
+    return "fused" if M < threshold else "dequant"
 
 
 def _check_target_dtype(device, compute_dtype, x_dtype) -> None:

@@ -60,26 +60,26 @@ _INF = 1 << 62
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     "sm_90": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
         "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_80": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
         "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_8x": {
         "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(64, 64, 32, 4, 1))],
+        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
         "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))],
         "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 4, 1))],
+        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
         "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
     "sm_75": {
@@ -93,6 +93,18 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },
 }
+
+# The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
+# GEMM, per family. Set from fastlora inspect's model of a whole training step (forward + backward, the
+# four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16), fused / dequant µs:
+#   sm_90  M=1024: 3,453 / 3,519   M=2048: 4,678 / 4,576   M=4096: 7,098 / 6,691
+#   sm_80  M=128: 1,711 / 1,741    M=256: 3,300 / 3,012    M=1024: 6,635 / 5,802
+#   sm_8x  (sm_89) M=8192: 30,157 / 32,407, fused ahead at every M inspected (128..8192): on these
+#          parts the GEMM is tensor-core bound at 71-165 TFLOP/s either way, and the fused kernel
+#          saves writing and re-reading the dequantized W. Above the largest M inspected, dequant.
+#   sm_75  no tensor cores for Triton's tl.dot: always cuBLAS.
+# A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
+DEQUANT_MIN_TOKENS = {"sm_90": 2048, "sm_80": 256, "sm_8x": 16384, "sm_75": 0}
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there

@@ -78,7 +78,7 @@ def _lora_matmul_kernel(
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
     ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr,
-    SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr,
+    SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr, MAIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -108,51 +108,54 @@ def _lora_matmul_kernel(
 
     # -- main loop over the reduction dimension; split-K: program (·, s) takes the s-th run of
     #    BLOCK_I steps (grid axis 1 has one program per split, a single one without split) --------
-    steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), tl.num_programs(1))
-    i_lo = tl.program_id(1) * steps_per_split * BLOCK_I
-    i_hi = tl.minimum(I, i_lo + steps_per_split * BLOCK_I)
-    for i0 in range(i_lo, i_hi, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)                # [BLOCK_I]
-        mask_i = offs_i < I
-        a_mask = mask_m[:, None] & mask_i[None, :]
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :] * stride_ai,
-                    mask=a_mask, other=0.0)                               # [BLOCK_M, BLOCK_I]
-        if DROPOUT == 1:
-            keep = _keep(seed, offs_m[:, None] * I + offs_i[None, :], p)
-            a = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0)
-        a = a.to(COMPUTE)
-        # T tile [BLOCK_I, BLOCK_J] as (n, k) indices of W
-        if TRANS_W:
-            n_idx = offs_i[:, None]
-            k_idx = offs_j[None, :]
-        else:
-            n_idx = offs_j[None, :]
-            k_idx = offs_i[:, None]
-        t_mask = mask_i[:, None] & mask_j[None, :]
-        if FAST_4BIT:
+    #    MAIN = False: an epilogue-only pass (the product is in ``out`` or in the partials): no loop is
+    #    compiled at all, so the pass is sized for its real work
+    if MAIN:
+        steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), tl.num_programs(1))
+        i_lo = tl.program_id(1) * steps_per_split * BLOCK_I
+        i_hi = tl.minimum(I, i_lo + steps_per_split * BLOCK_I)
+        for i0 in range(i_lo, i_hi, BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)                # [BLOCK_I]
+            mask_i = offs_i < I
+            a_mask = mask_m[:, None] & mask_i[None, :]
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :] * stride_ai,
+                        mask=a_mask, other=0.0)                               # [BLOCK_M, BLOCK_I]
+            if DROPOUT == 1:
+                keep = _keep(seed, offs_m[:, None] * I + offs_i[None, :], p)
+                a = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0)
+            a = a.to(COMPUTE)
+            # T tile [BLOCK_I, BLOCK_J] as (n, k) indices of W
             if TRANS_W:
-                t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
-                                     offs_i, mask_i, pid_j * BLOCK_J, Kw,
-                                     BLOCK_J, BLOCKSIZE, BLOCKSIZE2, NESTED)        # [BLOCK_I, BLOCK_J]
+                n_idx = offs_i[:, None]
+                k_idx = offs_j[None, :]
             else:
-                t = tl.trans(decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
-                                              offs_j, mask_j, i0, Kw,
-                                              BLOCK_I, BLOCKSIZE, BLOCKSIZE2, NESTED))  # [BLOCK_I, BLOCK_J]
-        elif IS_4BIT:
-            t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                            n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
-        else:
-            t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
-            if DROPOUT == 2:
-                keep = _keep(seed, n_idx * Kw + k_idx, p)
-                t = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
-        t = t.to(COMPUTE)
-        if COMPUTE == tl.float32:
-            acc = tl.dot(a, t, acc, input_precision="ieee")
-        elif SWAP_AB:
-            acc = tl.dot(tl.trans(t), tl.trans(a), acc)                   # [BLOCK_J, BLOCK_M]
-        else:
-            acc = tl.dot(a, t, acc)
+                n_idx = offs_j[None, :]
+                k_idx = offs_i[:, None]
+            t_mask = mask_i[:, None] & mask_j[None, :]
+            if FAST_4BIT:
+                if TRANS_W:
+                    t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                         offs_i, mask_i, pid_j * BLOCK_J, Kw,
+                                         BLOCK_J, BLOCKSIZE, BLOCKSIZE2, NESTED)        # [BLOCK_I, BLOCK_J]
+                else:
+                    t = tl.trans(decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                                  offs_j, mask_j, i0, Kw,
+                                                  BLOCK_I, BLOCKSIZE, BLOCKSIZE2, NESTED))  # [BLOCK_I, BLOCK_J]
+            elif IS_4BIT:
+                t = decode_4bit(w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                n_idx * Kw + k_idx, t_mask, BLOCKSIZE, BLOCKSIZE2, NESTED)
+            else:
+                t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
+                if DROPOUT == 2:
+                    keep = _keep(seed, n_idx * Kw + k_idx, p)
+                    t = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
+            t = t.to(COMPUTE)
+            if COMPUTE == tl.float32:
+                acc = tl.dot(a, t, acc, input_precision="ieee")
+            elif SWAP_AB:
+                acc = tl.dot(tl.trans(t), tl.trans(a), acc)                   # [BLOCK_J, BLOCK_M]
+            else:
+                acc = tl.dot(a, t, acc)
 
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -302,7 +305,8 @@ def lora_matmul(
     # 4-bit tiles (W's tile is the big one)
     main = dict(FAST_4BIT=is_4bit and not skip_main and wide_decode_ok(w),
                 SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= 32)
-    no_main = dict(FAST_4BIT=False, SWAP_AB=False)
+    no_main = dict(FAST_4BIT=False, SWAP_AB=False, MAIN=False)
+    main["MAIN"] = not skip_main
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = configs._pow2_clamp(rank, 16, 32)
     tiles = triton.cdiv(M, BM) * triton.cdiv(J, BJ)

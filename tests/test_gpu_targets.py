@@ -110,6 +110,20 @@ def test_sm75_frozen_product_goes_to_cublas(matrix):
     assert fused and all(L.facts.mma == 0 for L in fused)
 
 
+def test_strategy_thresholds_per_family():
+    """The automatic strategy follows each family's threshold (set from the model, configs.py)."""
+    from fastlora.ops import choose_strategy
+
+    def pick(t, M):
+        return choose_strategy(M, 4096, 4096, True, None, target=get_target(t))
+
+    assert [pick("sm_90", M) for M in (16, 1024, 2048, 8192)] == ["fused", "fused", "dequant", "dequant"]
+    assert [pick("sm_80", M) for M in (16, 128, 256)] == ["fused", "fused", "dequant"]
+    assert [pick(t, 8192) for t in ("sm_86", "sm_89")] == ["fused", "fused"]
+    assert [pick(t, 16384) for t in ("sm_86", "sm_89")] == ["dequant", "dequant"]
+    assert pick("sm_75", 1) == "dequant"
+
+
 def test_model_labelled_and_floor_sane(matrix):
     for r in matrix["sm_90"]:
         assert r.floor_us > 0 and r.model_us >= r.floor_us * 0.999, (r.call, r.model_us, r.floor_us)

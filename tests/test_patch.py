@@ -184,7 +184,10 @@ def test_dequant_strategy_through_the_patcher(case, monkeypatch):
     lowering the dispatcher's threshold below this batch."""
     import fastlora.ops as ops
 
-    monkeypatch.setattr(ops, "DEQUANT_MIN_TOKENS", 1)
+    from fastlora.kernels import configs
+
+    monkeypatch.setattr(ops, "DEQUANT_MIN_TOKENS", 1)                                   # the interpreter's
+    monkeypatch.setattr(configs, "DEQUANT_MIN_TOKENS", dict.fromkeys(configs.TABLES, 1))  # a GPU's
     assert ops.choose_strategy(21, N_OUT, K_IN, True, torch.device(DEVICE)) == "dequant"
     kw = dict(CASES[case])
     x_dtype = kw.pop("x_dtype")
