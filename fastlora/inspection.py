@@ -25,7 +25,8 @@ The formulas (per launch; all figures of a target come from ``kernels.targets.TA
     programs      = product of the grid
     resident      = programs per SM that fit at once = min(max blocks, max warps / warps,
                     65536 / (regs·32·warps), smem per SM / shared)          (occupancy)
-    instr/program = SASS instructions outside the main loop + loop body × ceil(I / BLOCK_I)
+    instr/program = SASS instructions outside the main loop + loop body × trips, trips =
+                    ceil(ceil(I / BLOCK_I) / splits) (splits: grid axis 1, split-K)
     issue time    = ceil(programs / SMs) · warps · instr/program / (min(4, warps·min(resident,
                     ceil(programs/SMs))) · clock)                          (one warp-instr per scheduler-clock)
     bytes         = every operand read once and the output written once (re-reads across programs
@@ -343,7 +344,9 @@ def _launch_work(launch: _launch.Launch, c: Call):
         byts += M * rank * a["l_ptr"].element_size() + rank * J * a["r_ptr"].element_size()
     if a["HAS_BIAS"]:
         byts += J * a["bias_ptr"].element_size()
-    trips = -(-I // a["BLOCK_I"]) if I > 0 else 0
+    # split-K: grid axis 1 holds the splits, each program takes its share of the BLOCK_I steps
+    splits = int(launch.grid[1]) if len(launch.grid) > 1 else 1
+    trips = -(-(-(-I // a["BLOCK_I"])) // splits) if I > 0 and a.get("MAIN", True) else 0
     return flops, byts, decoded, trips, compute
 
 

@@ -97,9 +97,9 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family. Set from fastlora inspect's model of a whole training step (forward + backward, the
 # four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16), fused / dequant µs:
-#   sm_90  M=1024: 3,453 / 3,519   M=2048: 4,678 / 4,576   M=4096: 7,098 / 6,691
-#   sm_80  M=128: 1,711 / 1,741    M=256: 3,300 / 3,012    M=1024: 6,635 / 5,802
-#   sm_8x  (sm_89) M=8192: 30,157 / 32,407, fused ahead at every M inspected (128..8192): on these
+#   sm_90  M=1024: 1,235 / 1,301   M=2048: 2,437 / 2,335   M=4096: 4,770 / 4,363
+#   sm_80  M=128: 692 / 722        M=256: 1,259 / 971      M=1024: 3,611 / 2,778
+#   sm_8x  (sm_89) M=8192: 29,343 / 31,593, fused ahead at every M inspected (128..8192): on these
 #          parts the GEMM is tensor-core bound at 71-165 TFLOP/s either way, and the fused kernel
 #          saves writing and re-reading the dequantized W. Above the largest M inspected, dequant.
 #   sm_75  no tensor cores for Triton's tl.dot: always cuBLAS.
