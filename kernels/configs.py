@@ -57,31 +57,25 @@ _INF = 1 << 62
 
 # (max_m, config) rows per kind; first row with M <= max_m wins. dequant rows: block_j = elements
 # per program (block_m / block_i unused, 1).
+# sm_80 and up: the same rows fit and do not spill on sm_80, sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py)
+#   frozen4, M <= 16: 16 x 256 x 128, 8 warps, 2 stages: 5.7 (X·Wᵀ) / 6.0 (dY·W) thread-instructions per
+#     weight on sm_89 (6.1 / 6.4 with 16 x 128 x 64 and 4 warps), 90,112 B of shared memory; split-K 8
+#   frozen4, M > 16: 128 x 64 x 64, 8 warps, 3 stages: 0 spill bytes everywhere (128 x 128 x 64 spilled
+#     8-976 B on sm_80..sm_90), 46 KB of shared memory
+_SM80_UP = {
+    "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+    "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
+    "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
+    "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
+    "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
+    "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
+}
+
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
-    "sm_90": {
-        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
-        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
-    },
-    "sm_80": {
-        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 128, 64, 8, 3))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
-        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
-    },
-    "sm_8x": {
-        "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
-        "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
-        "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))],
-        "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-        "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
-        "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
-    },
+    "sm_90": dict(_SM80_UP),
+    "sm_80": dict(_SM80_UP),
+    # 99 KB per block: the dense 128 x 128 x 64 x 3 stages would not fit
+    "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 4, 2))]},
     "sm_75": {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB

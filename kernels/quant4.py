@@ -106,13 +106,8 @@ def decode_4bit(
     shift = (1 - (flat & 1).to(tl.int32)) * 4
     nibble = (byte >> shift) & 0xF
     value = tl.load(code_ptr + nibble)                       # 16-entry table gather, fp32
-    block = flat // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-        absmax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)  # fp fusion off: no FMA
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    absmax = block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BLOCKSIZE, mask,
+                          BLOCKSIZE2, NESTED)
     return value * absmax
 
 
