@@ -3,7 +3,8 @@ without a GPU, by compiling what the launchers launch for each target (``fastlor
 
 The matrix: the Llama-3-8B projections, M ∈ {1, 16, 256, 4096}, a training step (forward + backward)
 and inference, both strategies, dropout on and off, double-quant and plain absmax, bf16 and fp16, on
-sm_80, sm_86, sm_89 and sm_90, and fp16 on sm_75. Shapes that give the same argument specialization
+sm_80, sm_86, sm_89 and sm_90, and fp16 on sm_75; plus two odd shapes (the per-element decode) and
+a dense bf16 base. Shapes that give the same argument specialization
 share one compile (all four projections do: every dimension is a multiple of 16), so the cost is one
 compile per distinct specialization, spread over the CPU's cores, in one worker process (the kernels
 must be decorated as compiled functions there, not as the interpreter's).
@@ -45,7 +46,8 @@ ODD_SHAPES = {"40x80": (40, 80), "45x131": (45, 131)}
 def matrix():
     """{target: [CallReport]} for the whole matrix (one worker process, one compile per specialization)."""
     odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
-    reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd, GPU_TARGETS)
+    dense = ins.calls_for({"q_proj/o_proj": (4096, 4096)}, ins.DEFAULT_M, dtype="bf16", quant="dense")
+    reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS)
     reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",))
     out = {}
     for r in reports:
