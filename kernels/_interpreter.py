@@ -127,6 +127,19 @@ def ensure() -> None:
     builder.create_dot = create_dot
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
+
+    # 4. (not a bf16 matter) a loop bound computed in the kernel (split-K's range per program) is a
+    # one-element array there; Triton 3.6's interpreter converts it with int(array), which NumPy 2
+    # refuses for arrays of one dimension (3.9 squeezes first). Every kernel call re-patches the
+    # tensor class, so the squeezing conversion is set after Triton's own.
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is not None and not getattr(patch_tensor, "_fastlora", False):
+        def _patch_lang_tensor(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+        _patch_lang_tensor._fastlora = True
+        interp._patch_lang_tensor = _patch_lang_tensor
     # the lambdas that alias cast_impl (create_fp_trunc, create_fp_ext, ...) look it up on self,
     # so they pick up the corrected version too.
     _PATCHED = True
