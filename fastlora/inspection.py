@@ -48,7 +48,6 @@ activations it must move (X, Y; dY, dX); the larger of the two.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
