@@ -97,6 +97,13 @@ class Call:
     strategy: str = "fused"        # "fused" or "dequant"
     mode: str = "train"            # "train" (forward + backward) or "infer" (forward, no grad, no dropout)
     shape_name: str = ""
+    # the adapter products' dtype: "autocast" = the compute dtype (fp32 adapters under bf16/fp16
+    # autocast, the QLoRA recipe, Trainer bf16=True), "fp32" = fp32 adapters without autocast
+    adapters: str = "autocast"
+
+    @property
+    def lora_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype] if self.adapters == "autocast" else torch.float32
 
     @property
     def is_4bit(self) -> bool:
@@ -161,11 +168,11 @@ def record_call(c: Call, target) -> List[_launch.Launch]:
     # the op's own forward and backward implementations (``torch.ops.fastlora.lora_linear`` runs its
     # fake implementation on meta tensors, so its real one is called directly, as the op calls it)
     with _launch.recording(target) as launches:
-        y, h = ops._forward_impl(x, A, B, *wargs, None, 2.0, p, seed, dt, c.strategy)
+        y, h = ops._forward_impl(x, A, B, *wargs, None, 2.0, p, seed, dt, c.lora_dtype, c.strategy)
         n_forward = len(launches)
         if train:
-            ops._backward_impl(torch.empty_like(y), x, h, A, B, *wargs, 2.0, p, seed, dt, c.strategy,
-                               True, True, True)
+            ops._backward_impl(torch.empty_like(y), x, h, A, B, *wargs, 2.0, p, seed, dt, c.lora_dtype,
+                               c.strategy, True, True, True)
     frozen = w.packed if c.is_4bit else w
     for i, L in enumerate(launches):
         L.label = _label(L, c, frozen, A, B)
@@ -494,8 +501,11 @@ def kernels_compilable() -> bool:
 
 
 def calls_for(shapes: Dict[str, tuple], ms: Sequence[int], *, rank=16, dropout=0.05, dtype="bf16", quant="nf4",
-              nested=True, strategies=("fused", "dequant"), modes=("train", "infer")) -> List[Call]:
-    return [Call(N, K, M, rank, dropout, dtype, quant, nested, 64, s, mode, name)
+              nested=True, strategies=("fused", "dequant"), modes=("train", "infer"),
+              adapters="autocast") -> List[Call]:
+    if adapters not in ("autocast", "fp32"):
+        raise ValueError(f"adapters must be 'autocast' or 'fp32', got {adapters!r}")
+    return [Call(N, K, M, rank, dropout, dtype, quant, nested, 64, s, mode, name, adapters)
             for name, (N, K) in shapes.items() for M in ms for s in strategies for mode in modes]
 
 
@@ -583,7 +593,7 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
         for r in (r for r in reports if r.target == tname):
             c = r.call
             name = (f"{c.shape_name or f'{c.N}x{c.K}'} M={c.M} {c.strategy} {c.mode}"
-                    f"{'' if c.quant != 'dense' else ' dense'}")
+                    f"{'' if c.quant != 'dense' else ' dense'}{' fp32-adapters' if c.adapters == 'fp32' else ''}")
             if detail:
                 for L in r.launches:
                     f = L.facts
@@ -665,6 +675,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
     ap.add_argument("--quant", choices=("nf4", "fp4", "dense"), default="nf4")
     ap.add_argument("--no-double-quant", action="store_true", help="plain fp32 absmax instead of double quant")
+    ap.add_argument("--adapters", choices=("autocast", "fp32"), default="autocast",
+                    help="the adapter products' dtype: 'autocast' = --dtype (fp32 adapters under bf16/fp16 "
+                         "autocast, e.g. Trainer bf16=True: PEFT runs them in the autocast dtype), 'fp32' = "
+                         "fp32 adapters without autocast (PEFT runs them in fp32)")
     ap.add_argument("--strategy", choices=("fused", "dequant", "both"), default="both")
     ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     ap.add_argument("--arch", default=",".join(DEFAULT_TARGETS), help="targets, comma separated (sm_75,...,sm_90)")
@@ -688,7 +702,7 @@ def main(argv=None) -> int:
     if any(m <= 0 for m in ms):
         raise SystemExit("fastlora inspect: --m values must be positive")
     calls = calls_for(_parse_shapes(args.shapes), ms, rank=args.rank, dropout=args.dropout, dtype=args.dtype,
-                      quant=args.quant, nested=not args.no_double_quant,
+                      quant=args.quant, nested=not args.no_double_quant, adapters=args.adapters,
                       strategies=("fused", "dequant") if args.strategy == "both" else (args.strategy,),
                       modes=("train", "infer") if args.mode == "both" else (args.mode,))
     skipped = [t for t in targets if args.dtype == "bf16" and not get_target(t).has_bf16]

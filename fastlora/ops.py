@@ -12,8 +12,11 @@ Two strategies compute the frozen product (``choose_strategy`` picks one per cal
   backward dequantizes again. The LoRA term and the mask are still added by the kernel's epilogue,
   in place on the cuBLAS output.
 
-The LoRA products (H = D(X)·Aᵀ, G = dY·B, dA, dB) run through the same kernel in fp32 with IEEE
-precision, as PEFT's fp32 adapters do under PyTorch's default (no TF32) matmul.
+The LoRA products (H = D(X)·Aᵀ, G = dY·B, dA, dB) run through the same kernel in ``lora_dtype``, the
+dtype PEFT runs its adapters in: under autocast the autocast dtype (bf16/fp16, on the tensor cores,
+H and G kept in it as PEFT keeps them), otherwise the adapters' own dtype: fp32 adapters in fp32 with
+IEEE precision, as PyTorch's default (no TF32) matmul computes them. dA and dB are accumulated in
+fp32 and returned in the adapters' dtype.
 """
 
 from __future__ import annotations
@@ -50,11 +53,11 @@ def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.devic
     return "fused" if M < threshold else "dequant"
 
 
-def _check_target_dtype(device, compute_dtype, x_dtype) -> None:
+def _check_target_dtype(device, *dtypes) -> None:
     """bf16 needs compute capability 8.0 (no bf16 tensor cores before Ampere; torch reports
     ``is_bf16_supported() == False`` there and bitsandbytes' bf16 compute is not supported either)."""
     target = launch_target(device)
-    if target is not None and not target.has_bf16 and torch.bfloat16 in (compute_dtype, x_dtype):
+    if target is not None and not target.has_bf16 and torch.bfloat16 in dtypes:
         raise TypeError(f"bfloat16 is not supported on {target.name} ({target.gpu}): compute capability 8.0 or "
                         "newer is needed; use float16 (fp16=True in the Trainer, bnb_4bit_compute_dtype=float16)")
 
@@ -148,16 +151,16 @@ def _forward_impl(
     code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
     N: int, K: int, blocksize: int, blocksize2: int,
     bias: Optional[torch.Tensor], scaling: float, dropout_p: float, seed: Optional[torch.Tensor],
-    compute_dtype: torch.dtype, strategy: str,
+    compute_dtype: torch.dtype, lora_dtype: torch.dtype, strategy: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns Y [M, N] in x's dtype and H = D(X)·Aᵀ [M, r] fp32 (kept for backward)."""
+    """Forward: returns Y [M, N] in x's dtype and H = D(X)·Aᵀ [M, r] in lora_dtype (kept for backward)."""
     w = _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2)
     M = x2.shape[0]
     r = lora_A.shape[0]
     strategy = _resolve(strategy, M, N, K, w, x2.device)
     drop = dropout_p > 0.0
-    h = torch.empty((M, r), dtype=torch.float32, device=x2.device)
-    lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=torch.float32,
+    h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
+    lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
                 dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
@@ -173,9 +176,9 @@ _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", mutates_args=
 
 @_lora_linear_op.register_fake
 def _(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-      bias, scaling, dropout_p, seed, compute_dtype, strategy):
+      bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy):
     M = x2.shape[0]
-    return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=torch.float32)
+    return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=lora_dtype)
 
 
 def _backward_impl(
@@ -183,8 +186,8 @@ def _backward_impl(
     weight: torch.Tensor, code: Optional[torch.Tensor], absmax: Optional[torch.Tensor],
     absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
     N: int, K: int, blocksize: int, blocksize2: int,
-    scaling: float, dropout_p: float, seed: Optional[torch.Tensor], compute_dtype: torch.dtype, strategy: str,
-    need_x: bool, need_a: bool, need_b: bool,
+    scaling: float, dropout_p: float, seed: Optional[torch.Tensor], compute_dtype: torch.dtype,
+    lora_dtype: torch.dtype, strategy: str, need_x: bool, need_a: bool, need_b: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dX [M, K] in x's dtype, dA [r, K] in A's dtype, dB [N, r] in B's dtype); a gradient
     not asked for is an empty tensor."""
@@ -198,8 +201,8 @@ def _backward_impl(
     dB = lora_B.new_empty((0,))
     g = None
     if need_x or need_a:
-        g = torch.empty((M, r), dtype=torch.float32, device=dy.device)   # G = dY·B
-        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=torch.float32)
+        g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)   # G = dY·B
+        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, adapter=True)
     if need_x:
         dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
         _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
@@ -208,12 +211,12 @@ def _backward_impl(
                         dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
     if need_a:
         dA32 = torch.empty((r, K), dtype=torch.float32, device=dy.device)   # s·Gᵀ·D(X)
-        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=torch.float32, out_scale=scaling,
+        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True,
                     dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
         dA = dA32 if lora_A.dtype == torch.float32 else dA32.to(lora_A.dtype)
     if need_b:
         dB32 = torch.empty((N, r), dtype=torch.float32, device=dy.device)   # s·dYᵀ·H
-        lora_matmul(dy.t(), h, dB32, trans_w=True, compute_dtype=torch.float32, out_scale=scaling)
+        lora_matmul(dy.t(), h, dB32, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True)
         dB = dB32 if lora_B.dtype == torch.float32 else dB32.to(lora_B.dtype)
     return dx, dA, dB
 
@@ -224,33 +227,33 @@ _lora_linear_backward_op = torch.library.custom_op("fastlora::lora_linear_backwa
 
 @_lora_linear_backward_op.register_fake
 def _(dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-      scaling, dropout_p, seed, compute_dtype, strategy, need_x, need_a, need_b):
+      scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy, need_x, need_a, need_b):
     M = x2.shape[0]
     r = lora_A.shape[0]
     return (x2.new_empty((M, K) if need_x else (0,)), lora_A.new_empty((r, K) if need_a else (0,)),
             lora_B.new_empty((N, r) if need_b else (0,)))
 
 
-_N_INPUTS = 19  # the forward op's arguments
+_N_INPUTS = 20  # the forward op's arguments
 
 
 def _setup_context(ctx, inputs, output):
-    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] fp32, the dropout seed (int64 [1]
+    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] (lora_dtype), the dropout seed (int64 [1]
     on the device), A, B and the frozen weight's own tensors (the module's storage; never a
     dequantized W)."""
     (x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-     bias, scaling, dropout_p, seed, compute_dtype, strategy) = inputs
+     bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy) = inputs
     ctx.save_for_backward(x2, output[1], lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset)
-    ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, strategy)
+    ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, lora_dtype, strategy)
 
 
 def _backward(ctx, dy, dh):
     x2, h, lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset = ctx.saved_tensors
-    N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, strategy = ctx.cfg
+    N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, lora_dtype, strategy = ctx.cfg
     need_x, need_a, need_b = ctx.needs_input_grad[:3]
     dx, dA, dB = _lora_linear_backward_op(
         dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-        scaling, dropout_p, seed, compute_dtype, strategy, need_x, need_a, need_b)
+        scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy, need_x, need_a, need_b)
     return (dx if need_x else None, dA if need_a else None, dB if need_b else None) + (None,) * (_N_INPUTS - 3)
 
 
@@ -273,7 +276,7 @@ def _number(value, name: str) -> float:
     return float(value)
 
 
-def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy):
+def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, lora_dtype, dropout_p, strategy):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -295,6 +298,8 @@ def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy)
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     if compute_dtype not in FLOAT_DTYPES:
         raise TypeError(f"compute_dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+    if lora_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lora_dtype must be float16, bfloat16 or float32, got {lora_dtype}")
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if strategy not in STRATEGIES + ("auto",):
@@ -329,6 +334,7 @@ def lora_linear(
     quant_state: Any = None,
     dropout_p: float = 0.0,
     compute_dtype: Optional[torch.dtype] = None,
+    lora_dtype: Optional[torch.dtype] = None,
     strategy: str = "auto",
     seed: Optional[int] = None,
 ) -> torch.Tensor:
@@ -347,6 +353,11 @@ def lora_linear(
     compute_dtype: dtype of the frozen product: bitsandbytes' compute_dtype for a 4-bit weight
                  (default x's dtype), the weight's dtype for a dense weight (default the weight's
                  dtype, as ``nn.Linear`` computes)
+    lora_dtype:  dtype of the adapter products H = D(X)·Aᵀ, H·Bᵀ, G = dY·B, dA, dB (fp32 accumulation
+                 always): PEFT's is the autocast dtype under autocast (pass it: this op does not
+                 read autocast, ``fastlora.patch`` does), else the adapters' dtype, the default
+                 (A's and B's promoted together). bf16/fp16 run on the tensor cores and keep H and G
+                 in that dtype, as PEFT does; fp32 runs with IEEE precision
     strategy:    "fused", "dequant" or "auto" (see :func:`choose_strategy`)
     seed:        dropout seed, an int in [-2**63, 2**63) (the kernels take an int64; anything else is
                  a ValueError); when None it is drawn on x's device from that device's generator
@@ -375,8 +386,10 @@ def lora_linear(
         compute_dtype = x.dtype if isinstance(w, Packed4bit) else w.dtype
     scaling = _number(scaling, "scaling")
     dropout_p = _number(dropout_p, "dropout_p")
-    _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, dropout_p, strategy)
-    _check_target_dtype(x.device, compute_dtype, x.dtype)
+    if lora_dtype is None and isinstance(lora_A, torch.Tensor) and isinstance(lora_B, torch.Tensor):
+        lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
+    _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, lora_dtype, dropout_p, strategy)
+    _check_target_dtype(x.device, compute_dtype, x.dtype, lora_dtype)
     lead = x.shape[:-1]
     M = 1
     for d in lead:
@@ -389,5 +402,6 @@ def lora_linear(
     else:
         seed_t = _seed_tensor(seed, x.device)
     wargs = weight_args(w)
-    y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype, strategy)
+    y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype, lora_dtype,
+                           strategy)
     return y.reshape(*lead, N)

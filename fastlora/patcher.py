@@ -26,9 +26,10 @@ bitsandbytes 0.50 ``Linear4bit.forward``):
   back to x's dtype. Under autocast on x's device its inner ``F.linear`` runs in the autocast dtype
   instead (bias included). PEFT adds the LoRA term cast to that result dtype. The fused op gives x's
   dtype, the frozen product in the same compute dtype and rounded there, as bitsandbytes rounds it,
-  the LoRA term in fp32 (at least as precise as PEFT's, which runs in the adapter dtype or, under
-  autocast, in the autocast dtype), rounded to fp16 on its own before the sum when x is fp16, as PEFT
-  rounds it (so fp16 overflows give inf where PEFT's do; see ``fastlora.ops._frozen_product``).
+  the LoRA term in PEFT's adapter dtype (``lora_dtype``: the autocast dtype under autocast on x's
+  device, on the tensor cores; else the adapters' dtype, fp32 with IEEE precision for fp32
+  adapters), rounded to fp16 on its own before the sum when x is fp16, as PEFT rounds it (so fp16
+  overflows give inf where PEFT's do; see ``fastlora.ops._frozen_product``).
 - dense: ``nn.Linear`` needs x in the weight's dtype (PEFT's forward raises otherwise: it is left to
   raise); under autocast everything runs in the autocast dtype and that is the result dtype.
 - several active adapters: PEFT sums their terms. The fused op runs them as one adapter of rank
@@ -391,8 +392,10 @@ def _plan(layer, st, x, args, kwargs):
         w = weight
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
+    # PEFT's adapters run in the autocast dtype under autocast, else in their own dtype
+    lora_dt = ac if ac is not None else lora_dtype
     target = launch_target(dev)
-    if target is not None and not target.has_bf16 and torch.bfloat16 in (compute, x_in.dtype):
+    if target is not None and not target.has_bf16 and torch.bfloat16 in (compute, x_in.dtype, lora_dt):
         return "device_dtype"
 
     if len(adapters) == 1:
@@ -403,7 +406,7 @@ def _plan(layer, st, x, args, kwargs):
         lora_B = torch.cat([b * s for b, s in zip(Bs, scalings)], dim=1)
         scaling = 1.0
     return dict(x=x_in, weight=w, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias,
-                dropout_p=ps[0], compute_dtype=compute, autocast=ac is not None)
+                dropout_p=ps[0], compute_dtype=compute, lora_dtype=lora_dt, autocast=ac is not None)
 
 
 def _call_prev(layer, st, x, args, kwargs):

@@ -14,6 +14,9 @@ Kinds of product (see ``lora_matmul.py`` for the products themselves):
     frozen4_flat  the same with the per-element decode (odd K, blocks straddling rows)
     dense       the same over a dense fp16/bf16 W
     lora        H = D(X)·Aᵀ, G = dY·B, dA, dB: fp32 products with one small dimension (the rank)
+    lora16      the same products in bf16/fp16 on the tensor cores (adapters under autocast, or
+                16-bit adapters): the tile is narrowed to the rank on its small side, so the big
+                side is what fills an SM; split-K fills the GPU
     epilogue    the LoRA term + bias + mask on an output cuBLAS already holds (no main loop)
     dequant     W [N, K] from 4 bits (``quant4.dequantize_4bit``): BLOCK elements per program
 
@@ -50,7 +53,7 @@ class TileConfig:
         return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
 
 
-KINDS = ("frozen4", "frozen4_flat", "dense", "lora", "epilogue", "dequant")
+KINDS = ("frozen4", "frozen4_flat", "dense", "lora", "lora16", "epilogue", "dequant")
 
 _C = TileConfig
 _INF = 1 << 62
@@ -67,6 +70,7 @@ _SM80_UP = {
     "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
     "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 64, 64, 8, 3))],
     "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
+    "lora16": [(_INF, _C(128, 64, 64, 4, 3, 32))],
     "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
     "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
 }
@@ -83,6 +87,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         "frozen4_flat": [(_INF, _C(16, 64, 32, 4, 1))],
         "dense": [(_INF, _C(32, 64, 32, 4, 1))],
         "lora": [(_INF, _C(32, 32, 32, 4, 1, 16))],
+        "lora16": [(_INF, _C(32, 32, 32, 4, 1, 16))],
         "epilogue": [(_INF, _C(32, 64, 16, 4, 1))],
         "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
     },

@@ -19,7 +19,9 @@ W is either bitsandbytes 4-bit (IS_4BIT: decoded tile by tile with ``quant4.deco
 The epilogue adds a bias, then (ROUND_BASE) rounds the frozen product to COMPUTE as bitsandbytes'
 result is rounded before PEFT adds the LoRA term to it (matters when ``out`` is wider than COMPUTE,
 e.g. fp32 activations with bf16 compute), then (HAS_LORA) adds  s · L[m, :r] · R[:r, j]  with L = H
-(fwd) or G (bwd), R = Bᵀ or A, in fp32 and in rank chunks of BLOCK_R, optionally masked by dropout
+(fwd) or G (bwd), R = Bᵀ or A, in rank chunks of BLOCK_R (on the tensor cores when L is 16-bit: the
+adapters run in the autocast or adapter dtype, as PEFT's do; in fp32 with IEEE precision when L is
+fp32), optionally masked by dropout
 (DROPOUT = 3), then the existing contents of ``out`` (ACC_OUT, for the dequantize-then-cuBLAS
 strategy whose frozen product comes from cuBLAS).
 
@@ -30,8 +32,10 @@ stored. The seed is read from a one-element device tensor, drawn from the device
 host sync, and activation checkpointing (which restores that generator) regenerates the same mask.
 Offsets are int64 (M·K may pass 2³¹).
 
-Accumulation is fp32. Operands are cast to COMPUTE (the frozen product's dtype: bf16/fp16 for the
-tensor cores, fp32 with IEEE precision for the adapter products, as PyTorch does for fp32 matmul).
+Accumulation is fp32. Operands are cast to COMPUTE: the frozen product's dtype (bf16/fp16, tensor
+cores); for the adapter products H, G, dA, dB the dtype PEFT runs its adapters in (the autocast dtype
+under autocast, else the adapters' own): bf16/fp16 on the tensor cores, or fp32 with IEEE precision,
+as PyTorch computes an fp32 matmul.
 """
 
 from __future__ import annotations
@@ -180,6 +184,9 @@ def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, 
               HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
               ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    # the LoRA term's dtype is L's (H or G): 16-bit -> tensor cores, R cast to it as autocast casts
+    # the adapter weight; fp32 -> IEEE fp32
+    LORA_DT: tl.constexpr = l_ptr.dtype.element_ty
     acc = acc * out_scale
     # -- epilogue: + bias, round as bitsandbytes' result, + s·L·R (dropout-masked), + out ---------
     if HAS_BIAS:
@@ -192,10 +199,13 @@ def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, 
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
             lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)                 # [BLOCK_M, BLOCK_R]
             ro = tl.load(r_ptr + offs_r[:, None] * stride_rr + offs_j[None, :] * stride_rj,
-                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(tl.float32)   # [BLOCK_R, BLOCK_J]
-            term = tl.dot(lo, ro, term, input_precision="ieee")                            # [BLOCK_M, BLOCK_J]
+                         mask=mask_r[:, None] & mask_j[None, :], other=0.0).to(LORA_DT)    # [BLOCK_R, BLOCK_J]
+            if LORA_DT == tl.float32:
+                term = tl.dot(lo, ro, term, input_precision="ieee")                        # [BLOCK_M, BLOCK_J]
+            else:
+                term = tl.dot(lo, ro, term)
         term = term * lora_scale
         if DROPOUT == 3:
             keep = _keep(seed, offs_m[:, None] * J + offs_j[None, :], p)
@@ -213,13 +223,16 @@ def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, 
 # ----------------------------------------------------------------------------------------------
 
 
-def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool = True) -> str:
+def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool = True,
+          adapter: bool = False) -> str:
     """Which row of the launch-configuration tables a product uses (see ``configs.py``)."""
     if skip_main:
         return "epilogue"
     if is_4bit:
         return "frozen4" if wide else "frozen4_flat"
-    return "lora" if compute_dtype == torch.float32 else "dense"
+    if compute_dtype == torch.float32:
+        return "lora"
+    return "lora16" if adapter else "dense"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +264,7 @@ def lora_matmul(
     seed: Optional[torch.Tensor] = None,
     skip_main: bool = False,
     round_base: bool = False,
+    adapter: bool = False,
 ) -> torch.Tensor:
     """out[M, J] = out_scale · a[M, I] · T[I, J]  (+ lora_scale · lora_l[M, r] · lora_r[r, J], + bias[J],
     + out if accumulate), T = Wᵀ (trans_w False) or W (trans_w True).
@@ -258,11 +272,14 @@ def lora_matmul(
     a:      [M, I] any strides, fp16/bf16/fp32
     w:      :class:`Packed4bit` for W [N, K], or a dense 2-D tensor (any strides)
     out:    [M, J], any strides, written in place (and read when accumulate)
-    lora_l: [M, r] (H or G), lora_r: [r, J] (a strided view of Bᵀ or A), any float dtype
+    lora_l: [M, r] (H or G), lora_r: [r, J] (a strided view of Bᵀ or A), any float dtype; the term
+            is computed in lora_l's dtype (16-bit: tensor cores, lora_r cast to it; fp32: IEEE)
     dropout: DROP_* selects where the keep-mask of X [M', K'] applies (see the module docstring)
     seed:   int64 [1] on the device (required when dropout != DROP_NONE)
     skip_main: run only the epilogue (the frozen product is already in ``out``)
     round_base: round out_scale·a·T + bias to compute_dtype before the LoRA term is added
+    adapter: the product is one of the adapter products (H, G, dA, dB: one dimension is the rank),
+            which has its own tiles when 16-bit
     """
     if a.dim() != 2 or out.dim() != 2:
         raise ValueError(f"a and out must be 2-D, got {tuple(a.shape)} and {tuple(out.shape)}")
@@ -298,7 +315,7 @@ def lora_matmul(
     _interpreter.ensure()
 
     target = _launch.launch_target(a.device)
-    kind = _kind(is_4bit, skip_main, compute_dtype, is_4bit and wide_decode_ok(w))
+    kind = _kind(is_4bit, skip_main, compute_dtype, is_4bit and wide_decode_ok(w), adapter)
     cfg = configs.select(kind, M, J, I, target)
     BM, BJ, BI, warps, stages = cfg.as_tuple()
     # the wide decode where the layout allows it; the MMA with W as its first operand for the small-M

@@ -30,7 +30,10 @@ def _quantize(N, K, dtype, quant_type="nf4", nested=True, blocksize=64):
 
 
 def _case(M, K, N, r, *, xdtype=torch.bfloat16, adtype=torch.float32, bias=True, p=0.0, nested=True,
-          quant_type="nf4", strategy="fused", rslora=False, blocksize=64, dense=False, lead=None):
+          quant_type="nf4", strategy="fused", rslora=False, blocksize=64, dense=False, lead=None, ldtype=None):
+    """ldtype: the op's lora_dtype (None: its default, the adapters' dtype); the low-precision
+    reference runs the adapter path in it, as PEFT under autocast does (A and B cast to it, x cast
+    to it after the dropout)."""
     alpha = 16
     scaling = alpha / math.sqrt(r) if rslora else alpha / r
     if dense:
@@ -55,7 +58,7 @@ def _case(M, K, N, r, *, xdtype=torch.bfloat16, adtype=torch.float32, bias=True,
     xk = x.clone().requires_grad_()
     Ak, Bk = A.clone().requires_grad_(), B.clone().requires_grad_()
     y = fastlora.lora_linear(xk, weight, Ak, Bk, scaling, bias=b, quant_state=qs, dropout_p=p,
-                             strategy=strategy, seed=SEED)
+                             strategy=strategy, seed=SEED, lora_dtype=ldtype)
     y.backward(dy)
 
     # exact: float64, same quantized weight, same mask
@@ -67,7 +70,8 @@ def _case(M, K, N, r, *, xdtype=torch.bfloat16, adtype=torch.float32, bias=True,
     # PyTorch in PEFT's precision: base in x's dtype, LoRA path in the adapter dtype
     xl = x.clone().requires_grad_()
     Al, Bl = A.clone().requires_grad_(), B.clone().requires_grad_()
-    y_lp = ref.lora_linear(xl, w_lowp, Al, Bl, scaling, b, keep, p)
+    ld = ldtype or A.dtype
+    y_lp = ref.lora_linear(xl, w_lowp, Al.to(ld), Bl.to(ld), scaling, b, keep, p)
     y_lp.backward(dy)
 
     assert y.dtype == x.dtype and y.shape == (*shape[:-1], N)
@@ -108,6 +112,43 @@ def test_ranks_and_scaling(r, rslora):
 def test_dtypes(xdtype, adtype, strategy):
     _case(21, BASE["K"], BASE["N"], 8, xdtype=xdtype, adtype=torch.float32 if adtype == "fp32" else xdtype,
           strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_adapters_in_autocast_dtype(xdtype, p, strategy):
+    """fp32 adapters run in 16 bits, as PEFT runs them under autocast (lora_dtype = the autocast
+    dtype: tensor-core products, H and G kept in 16 bits): every gradient within the rule against
+    PyTorch doing the same in that dtype."""
+    ld = torch.float16 if xdtype == torch.float16 else torch.bfloat16
+    _case(35, BASE["K"], BASE["N"], 16, xdtype=xdtype, p=p, strategy=strategy, ldtype=ld)
+
+
+@pytest.mark.parametrize("M,r", [(1, 1), (37, 100), (130, 16)])
+def test_adapters_in_16_bits_ranks_and_tokens(M, r):
+    """The 16-bit adapter products at M = 1, a rank that is no power of two and one past a tile."""
+    _case(M, BASE["K"], BASE["N"], r, ldtype=torch.bfloat16, p=0.05)
+
+
+def test_lora_dtype_changes_the_adapter_path_only():
+    """lora_dtype decides the adapter products' precision: fp32 and bf16 adapters products give
+    different low bits (so the argument is really honoured), and the frozen product is the same."""
+    torch.manual_seed(SEED)
+    weight, qs = _quantize(64, 128, torch.bfloat16)
+    x = torch.randn(9, 128, device=DEVICE, dtype=torch.bfloat16)
+    A = torch.randn(8, 128, device=DEVICE) / 11
+    B = torch.randn(64, 8, device=DEVICE)
+    y32 = fastlora.lora_linear(x, weight, A, B, 2.0, quant_state=qs, lora_dtype=torch.float32)
+    y16 = fastlora.lora_linear(x, weight, A, B, 2.0, quant_state=qs, lora_dtype=torch.bfloat16)
+    y0 = fastlora.lora_linear(x, weight, A, B * 0, 2.0, quant_state=qs, lora_dtype=torch.bfloat16)
+    assert not torch.equal(y32, y16)
+    assert torch.equal(y0, fastlora.lora_linear(x, weight, A, B * 0, 2.0, quant_state=qs))
+    exact = ref.lora_linear(x.double(), bnbF.dequantize_4bit(weight, qs).double(), A.double(), B.double(), 2.0)
+    lowp = ref.lora_linear(x, bnbF.dequantize_4bit(weight, qs), A.to(torch.bfloat16), B.to(torch.bfloat16), 2.0)
+    assert_within_rule("Y bf16 adapters", y16, exact, lowp)
+    with pytest.raises(TypeError, match="lora_dtype"):
+        fastlora.lora_linear(x, weight, A, B, 2.0, quant_state=qs, lora_dtype=torch.int8)
 
 
 @pytest.mark.parametrize("strategy", ["fused", "dequant"])
