@@ -25,10 +25,12 @@ fp32), optionally masked by dropout
 (DROPOUT = 3), then the existing contents of ``out`` (ACC_OUT, for the dequantize-then-cuBLAS
 strategy whose frozen product comes from cuBLAS).
 
-Dropout is a counter-based RNG: element (m, k) of X [M, K] is kept iff  rand(seed, m·K + k) >= p,
-kept values are scaled by 1/(1-p). The same (seed, m·K + k) regenerates the same mask wherever it
-is needed (DROPOUT = 1: on Aop, = 2: on W, = 3: on the epilogue term), so nothing mask-sized is
-stored. The seed is read from a one-element device tensor, drawn from the device's generator: no
+Dropout is a counter-based RNG (Philox 4x32-10, Triton's ``randint4x``): one Philox call per quad
+of four consecutive elements of a row of X [M, K], counter  m·⌈K/4⌉ + k//4, its four outputs taken
+in order; element (m, k) is kept iff its uniform float >= p, and kept values are scaled by 1/(1-p).
+The same (seed, counter) regenerates the same mask wherever it is needed (DROPOUT = 1: on Aop,
+= 2: on W, = 3: on the epilogue term; every tile starts at a multiple of 4 along k), so nothing
+mask-sized is stored. The seed is read from a one-element device tensor, drawn from the device's generator: no
 host sync, and activation checkpointing (which restores that generator) regenerates the same mask.
 Offsets are int64 (M·K may pass 2³¹).
 
@@ -56,9 +58,16 @@ DROP_NONE, DROP_AOP, DROP_W, DROP_EPILOGUE = 0, 1, 2, 3
 
 
 @triton.jit
-def _keep(seed, index, p):
-    """True where dropout keeps element ``index`` (int64 flat index into X [M, K])."""
-    return tl.rand(seed, index) >= p
+def _keep(seed, rows, k0, K, p, BLOCK_K: tl.constexpr):
+    """The keep-mask [len(rows), BLOCK_K] of X [M, K] at rows ``rows`` (int64) and columns
+    k0 + arange(BLOCK_K), k0 a multiple of 4: one Philox call gives a quad of 4 columns."""
+    quads = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.int64)
+    counter = rows[:, None] * ((K + 3) // 4) + quads[None, :]                   # [R, BLOCK_K / 4]
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    # join stacks on a new last axis: (u0, u2) and (u1, u3), then those two, puts lane l = 2a + b of
+    # a quad at u[a + 2b], i.e. u0, u1, u2, u3 in column order
+    u = tl.join(tl.join(u0, u2), tl.join(u1, u3))                               # [R, BLOCK_K / 4, 2, 2]
+    return tl.reshape(u, (rows.shape[0], BLOCK_K)) >= p
 
 
 @triton.jit
@@ -125,7 +134,7 @@ def _lora_matmul_kernel(
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_i[None, :] * stride_ai,
                         mask=a_mask, other=0.0)                               # [BLOCK_M, BLOCK_I]
             if DROPOUT == 1:
-                keep = _keep(seed, offs_m[:, None] * I + offs_i[None, :], p)
+                keep = _keep(seed, offs_m, i0, I, p, BLOCK_I)
                 a = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0)
             a = a.to(COMPUTE)
             # T tile [BLOCK_I, BLOCK_J] as (n, k) indices of W
@@ -151,7 +160,7 @@ def _lora_matmul_kernel(
             else:
                 t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
                 if DROPOUT == 2:
-                    keep = _keep(seed, n_idx * Kw + k_idx, p)
+                    keep = _keep(seed, offs_i, pid_j * BLOCK_J, Kw, p, BLOCK_J)
                     t = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
             t = t.to(COMPUTE)
             if COMPUTE == tl.float32:
@@ -173,13 +182,13 @@ def _lora_matmul_kernel(
             for s in range(0, splits):
                 acc += tl.load(part_ptr + s * M * J + offs_m[:, None] * J + offs_j[None, :],
                                mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-        _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
+        _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
                   bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
                   HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, BLOCK_M, BLOCK_J, BLOCK_R)
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
+def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
               bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
               HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
               ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
@@ -208,7 +217,7 @@ def _epilogue(acc, offs_m, offs_j, mask_m, mask_j, l_ptr, stride_lm, stride_lr, 
                 term = tl.dot(lo, ro, term)
         term = term * lora_scale
         if DROPOUT == 3:
-            keep = _keep(seed, offs_m[:, None] * J + offs_j[None, :], p)
+            keep = _keep(seed, offs_m, j0, J, p, BLOCK_J)
             term = tl.where(keep, term * keep_scale, 0.0)
         acc += term
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :] * stride_oj
@@ -376,9 +385,13 @@ def lora_matmul(
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, numel, seed_ptr, p, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, _keep(tl.load(seed_ptr), offs, p).to(tl.int8), mask=offs < numel)
+def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), rows, k0, K, p, BLOCK_K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def seed_tensor(seed: int, device) -> torch.Tensor:
@@ -394,6 +407,7 @@ def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
         seed = seed_tensor(seed, device)
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M * K:
-        BLOCK = 1024
-        _launch.launch(_keep_mask_kernel, (triton.cdiv(M * K, BLOCK),), out, M * K, seed, float(p), BLOCK=BLOCK)
+        BM, BK = 16, 64
+        _launch.launch(_keep_mask_kernel, (triton.cdiv(M, BM), triton.cdiv(K, BK)), out, M, K, seed, float(p),
+                       BLOCK_M=BM, BLOCK_K=BK)
     return out.bool()

@@ -355,6 +355,32 @@ def test_dropout_keep_fraction_and_reproducibility():
     assert keep.float().mean(1).min().item() > 1 - p - 6 * math.sqrt(p * (1 - p) / K)
 
 
+@pytest.mark.parametrize("K", [320, 131])
+def test_dropout_mask_lanes_are_independent(K):
+    """One Philox call serves four neighbouring columns: each of the four lanes keeps 1 - p of its
+    elements, and neighbours (the same call's outputs, and the next call's) are uncorrelated."""
+    M, p = 192, 0.5
+    keep = dropout_keep_mask(M, K, p, 11, DEVICE).float()
+    for lane in range(4):
+        col = keep[:, lane::4]
+        sigma = math.sqrt(p * (1 - p) / col.numel())
+        assert abs(col.mean().item() - (1 - p)) < 5 * sigma, (lane, col.mean().item())
+    for shift in (1, 2, 3, 4):
+        a, b = keep[:, :-shift].flatten() - (1 - p), keep[:, shift:].flatten() - (1 - p)
+        corr = (a * b).mean().item() / (p * (1 - p))
+        assert abs(corr) < 5 / math.sqrt(a.numel()), (shift, corr)
+    # rows do not repeat each other (each row has its own counters, also when K is not a multiple of 4)
+    assert not torch.equal(keep[0], keep[1])
+
+
+@pytest.mark.parametrize("strategy", ["fused", "dequant"])
+@pytest.mark.parametrize("K,N", [(130, 45), (131, 40)])
+def test_dropout_k_not_multiple_of_four(K, N, strategy):
+    """The mask is regenerated in three places (H's input, dA's X, dX's term): with K not a multiple
+    of 4 every row's last Philox quad is partial; all gradients still see one mask."""
+    _case(19, K, N, 8, p=0.3, strategy=strategy, nested=False, blocksize=64)
+
+
 def test_dropout_expectation_matches_no_dropout():
     """E over seeds of the dropped-out forward equals the p = 0 forward (unbiased 1/(1-p) rescale)."""
     M, K, N, r, p, S = 8, 64, 32, 8, 0.3, 96
