@@ -579,8 +579,9 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
     calls = {}
     for i, case in enumerate(todo):
         for strategy in ("fused", "dequant"):
+            # the providers here run fp32 adapters without autocast (PEFT then runs them in fp32)
             calls[(i, strategy)] = inspection.Call(case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4",
-                                                       True, 64, strategy, "train", case.proj)
+                                                   True, 64, strategy, "train", case.proj, adapters="fp32")
     try:
         reports = inspection.run(list(calls.values()), [target])
     except Exception as exc:  # the model is a column; its failure must not lose the measurements

@@ -31,7 +31,8 @@ The formulas (per launch; all figures of a target come from ``kernels.targets.TA
                     ceil(programs/SMs))) · clock)                          (one warp-instr per scheduler-clock)
     bytes         = every operand read once and the output written once (re-reads across programs
                     assumed to hit L2): A M·I·e, W J·I·e (4-bit: J·I/2 + absmax), out M·J·e
-                    (twice when accumulated), LoRA factors, bias
+                    (twice when accumulated), LoRA factors, bias; split-K: the fp32 partials,
+                    splits·M·J·4 written by the split launch and read by the sum pass
     FLOPs         = 2·M·J·I (+ 2·M·J·r for the LoRA epilogue)
     tensor time   = FLOPs / (tensor peak of the compute dtype · min(1, programs / SMs)),
                     only where the SASS has tensor-core instructions (FMA work is in the issue time)
@@ -333,7 +334,12 @@ def _launch_work(launch: _launch.Launch, c: Call):
         str(a["COMPUTE"]).replace("tl.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
         .replace("float16", "fp16"), torch.float32)
     out = a["out_ptr"]
-    byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
+    if a.get("SPLIT_OUT"):   # split-K: each split writes its fp32 partial sums, not ``out``
+        byts = M * J * 4 * int(launch.grid[1])
+    else:
+        byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
+        if a.get("PARTIALS"):   # the sum pass reads every split's partials
+            byts += M * J * 4 * int(a["splits"])
     flops = 0
     decoded = 0
     if I > 0:

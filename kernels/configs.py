@@ -63,20 +63,24 @@ _INF = 1 << 62
 # sm_80 and up: the same rows fit and do not spill on sm_80, sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py)
 #   frozen4, M <= 16: 16 x 256 x 128, 8 warps, 2 stages: 5.7 (X·Wᵀ) / 6.0 (dY·W) thread-instructions per
 #     weight on sm_89 (6.1 / 6.4 with 16 x 128 x 64 and 4 warps), 90,112 B of shared memory; split-K 8
-#   frozen4, M > 16: 128 x 64 x 64, 8 warps, 3 stages: 0 spill bytes everywhere (128 x 128 x 64 spilled
-#     8-976 B on sm_80..sm_90), 46 KB of shared memory
+#   frozen4, M > 16: 128 x 128 x 64, 8 warps, 3 stages (2 on sm_90): 0 spill bytes everywhere since the
+#     dropout mask takes one Philox call per 4 elements (before, the same tile spilled 8-976 B and
+#     128 x 64 x 64 was used: half the MMA work per decoded weight); 58-75 KB of shared memory
 _SM80_UP = {
-    "frozen4": [(16, _C(16, 256, 128, 8, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+    "frozen4": [(16, _C(16, 256, 128, 8, 2, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
     "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
     "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 64, 64, 8, 3))],
     "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-    "lora16": [(_INF, _C(128, 64, 64, 4, 3, 32))],
+    # 8 warps for the 128-row tile: with 4, odd K (unaligned rows, no cp.async) spilled 120-664 B on sm_80
+    "lora16": [(64, _C(64, 64, 64, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))],
     "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
     "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
 }
 
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
-    "sm_90": dict(_SM80_UP),
+    # 2 stages for the large-M 4-bit tile: with 3, X·Wᵀ with an fp32 LoRA epilogue (fp32 adapters, no
+    # autocast) spills 16 B on sm_90
+    "sm_90": {**_SM80_UP, "frozen4": [_SM80_UP["frozen4"][0], (_INF, _C(128, 128, 64, 8, 2, 32))]},
     "sm_80": dict(_SM80_UP),
     # 99 KB per block: the small-M dense tile with 2 stages, not 3
     "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))]},
@@ -95,15 +99,16 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family. Set from fastlora inspect's model of a whole training step (forward + backward, the
-# four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16), fused / dequant µs:
-#   sm_90  M=1024: 1,235 / 1,301   M=2048: 2,437 / 2,335   M=4096: 4,770 / 4,363
-#   sm_80  M=128: 692 / 722        M=256: 1,259 / 971      M=1024: 3,611 / 2,778
-#   sm_8x  (sm_89) M=8192: 29,343 / 31,593, fused ahead at every M inspected (128..8192): on these
-#          parts the GEMM is tensor-core bound at 71-165 TFLOP/s either way, and the fused kernel
-#          saves writing and re-reading the dequantized W. Above the largest M inspected, dequant.
+# four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16, adapters under
+# autocast), fused / dequant µs:
+#   sm_90  M=16: 84 / 429   M=512: 431 / 679   M=2048: 1,644 / 2,014   M=16384: 12,855 / 14,189
+#   sm_80  M=128: 445 / 688   M=512: 1,400 / 1,412   M=1024: 2,633 / 2,447   M=8192: 17,971 / 17,102
+#   sm_8x  (sm_89) M=512: 1,857 / 2,627   M=2048: 7,316 / 8,394   M=16384: 58,419 / 62,220
+# sm_90 and sm_8x: fused ahead at every M inspected (1..16384); the fused kernel saves writing and
+# re-reading the dequantized W. Above the largest M inspected (from 32768), dequant.
 #   sm_75  no tensor cores for Triton's tl.dot: always cuBLAS.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
-DEQUANT_MIN_TOKENS = {"sm_90": 2048, "sm_80": 256, "sm_8x": 16384, "sm_75": 0}
+DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0}
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there
@@ -125,19 +130,28 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-#: split-K aims at this many programs per SM: two resident programs hide each other's load latency
-PROGRAMS_PER_SM = 2
+def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_bytes: int = 1,
+           split_bytes: int = 0) -> int:
+    """How many ways to split the reduction of a product with ``tiles`` output tiles (at most the
+    row's ``split``, at least one BLOCK_I step per split): the s that moves the fewest bytes,
 
+        ceil(tiles·s / SMs) · SMs · ceil(steps / s) · step_bytes  +  tiles · s · split_bytes
 
-def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target]) -> int:
-    """How many ways to split the reduction of a product with ``tiles`` output tiles: enough for
-    PROGRAMS_PER_SM programs on every SM, at most the row's ``split`` and one BLOCK_I step per split.
-    (The split costs an fp32 partial [splits, M, J] and one pass to add the partials up.)"""
+    the first term the operand bytes of one BLOCK_I step (``step_bytes``) over the waves the grid
+    takes at one resident program per SM, every SM of every wave busy for the longest program (so
+    a grid that leaves SMs idle, or a last wave that is mostly empty, costs what it wastes); the
+    second the fp32 partials each extra program writes and the sum pass reads back
+    (``split_bytes`` per program). Ties go to the fewer splits."""
     if target is None or cfg.split <= 1:
         return 1
     steps = -(-I // cfg.block_i)
-    want = -(-(target.sms * PROGRAMS_PER_SM) // max(1, tiles))
-    return max(1, min(cfg.split, steps, want))
+    best, best_cost = 1, None
+    for s in range(1, max(1, min(cfg.split, steps)) + 1):
+        waves = -(-(tiles * s) // target.sms)
+        cost = waves * target.sms * (-(-steps // s)) * step_bytes + (tiles * s * split_bytes if s > 1 else 0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:

@@ -336,7 +336,11 @@ def lora_matmul(
     # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
     BR = configs._pow2_clamp(rank, 16, 32)
     tiles = triton.cdiv(M, BM) * triton.cdiv(J, BJ)
-    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target)
+    # bytes one BLOCK_I step reads (the a tile and W's tile: half a byte per 4-bit weight), and what
+    # one more program of a split writes to the fp32 partials and the sum pass reads back
+    w_elt = 0.5 if is_4bit else w.element_size()
+    step_bytes = int(min(BM, M) * BI * a.element_size() + BI * min(BJ, J) * w_elt)
+    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target, step_bytes, 2 * BM * BJ * 4)
     l_ = lora_l if has_lora else out
     r_ = lora_r if has_lora else out
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0

@@ -35,6 +35,8 @@ def _matrix_calls(dtypes):
             for dropout in (0.0, 0.05):
                 calls += ins.calls_for(ins.LLAMA3_8B_SHAPES, ins.DEFAULT_M, dtype=dtype, nested=nested,
                                        dropout=dropout)
+        # fp32 adapters without autocast: the adapter products and the LoRA epilogue in fp32
+        calls += ins.calls_for(ins.LLAMA3_8B_SHAPES, ins.DEFAULT_M, dtype=dtype, dropout=0.05, adapters="fp32")
     return calls
 
 
@@ -86,17 +88,27 @@ def test_every_launch_compiles_fits_and_does_not_spill(matrix, target):
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_tile_products_use_tensor_cores(matrix, target):
-    """Where a kernel multiplies bf16/fp16 tiles of 16×16 or more (the frozen product's main loop, the
-    one with the 4-bit decode), its main loop holds tensor-core instructions (HMMA, or HGMMA on
-    sm_90). The adapter products run in fp32 with IEEE precision (PEFT's fp32 adapters), which tensor
-    cores do not compute: they are FMA work by design."""
+    """Where a kernel multiplies bf16/fp16 tiles of 16×16 or more, its main loop holds tensor-core
+    instructions (HMMA, or HGMMA on sm_90): the frozen product's (the one with the 4-bit decode), and
+    the adapter products H, G, dA, dB under autocast (PEFT runs them in the autocast dtype). With fp32
+    adapters and no autocast they run in fp32 with IEEE precision, which tensor cores do not compute:
+    FMA work by design, and none of those loops may hold a tensor-core instruction."""
     bad = []
+    n_adapter = {"autocast": 0, "fp32": 0}
     for r in matrix[target]:
         for L in r.launches:
             if L.label in ("Y", "dX"):
                 assert L.config["BLOCK_J"] >= 16 and L.config["BLOCK_I"] >= 16
                 if L.facts.mma_in_loop == 0:
                     bad.append(f"{_where(r, L)}: no tensor-core instruction in the main loop ({L.facts.loop_found})")
+            elif L.label in ("H", "G", "dA", "dB"):
+                # (the whole kernel: at M = 1, dA's and dB's reduction over M is one step, no loop)
+                n_adapter[r.call.adapters] += 1
+                if r.call.adapters == "autocast" and L.facts.mma == 0:
+                    bad.append(f"{_where(r, L)}: 16-bit adapter product without tensor cores")
+                if r.call.adapters == "fp32" and L.facts.mma != 0:
+                    bad.append(f"{_where(r, L)}: fp32 adapter product on tensor cores (not IEEE fp32)")
+    assert n_adapter["autocast"] and n_adapter["fp32"], n_adapter
     assert not bad, "\n".join(sorted(set(bad))[:20])
 
 
@@ -119,11 +131,32 @@ def test_strategy_thresholds_per_family():
     def pick(t, M):
         return choose_strategy(M, 4096, 4096, True, None, target=get_target(t))
 
-    assert [pick("sm_90", M) for M in (16, 1024, 2048, 8192)] == ["fused", "fused", "dequant", "dequant"]
-    assert [pick("sm_80", M) for M in (16, 128, 256)] == ["fused", "fused", "dequant"]
-    assert [pick(t, 8192) for t in ("sm_86", "sm_89")] == ["fused", "fused"]
-    assert [pick(t, 16384) for t in ("sm_86", "sm_89")] == ["dequant", "dequant"]
+    assert [pick("sm_90", M) for M in (16, 2048, 16384, 32768)] == ["fused", "fused", "fused", "dequant"]
+    assert [pick("sm_80", M) for M in (16, 512, 1024)] == ["fused", "fused", "dequant"]
+    assert [pick(t, 16384) for t in ("sm_86", "sm_89")] == ["fused", "fused"]
+    assert [pick(t, 32768) for t in ("sm_86", "sm_89")] == ["dequant", "dequant"]
     assert pick("sm_75", 1) == "dequant"
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_strategy_pick_is_the_faster_by_the_model(matrix, target):
+    """At every M of the matrix, the strategy ``choose_strategy`` picks is the one whose modelled
+    training step (the four projections summed; bf16, double quant, dropout 0.05, adapters under
+    autocast) is the shorter: the thresholds agree with the kernels as they are now."""
+    from fastlora.ops import choose_strategy
+
+    t = get_target(target)
+    for M in ins.DEFAULT_M:
+        total = {}
+        for r in matrix[target]:
+            c = r.call
+            if (c.M, c.mode, c.dtype, c.nested, c.dropout, c.adapters, c.quant) == (
+                    M, "train", "bf16", True, 0.05, "autocast", "nf4"):
+                total[c.strategy] = total.get(c.strategy, 0.0) + r.model_us
+        assert set(total) == {"fused", "dequant"}, total
+        pick = choose_strategy(M, 4096, 4096, True, None, target=t)
+        faster = min(total, key=total.get)
+        assert pick == faster, f"{target} M={M}: picks {pick}, the model says {faster} ({total})"
 
 
 def test_model_labelled_and_floor_sane(matrix):
@@ -138,7 +171,7 @@ def test_model_labelled_and_floor_sane(matrix):
 # ----------------------------------------------------------------------------------------------
 
 
-def _record(device, target="sm_89", M=16, N=256, K=512, strategy="fused"):
+def _record(device, target="sm_89", M=16, N=256, K=512, strategy="fused", lora_dtype=torch.bfloat16):
     """The launches of one training step with real tensors on ``device`` (recorded, not run)."""
     g = torch.Generator().manual_seed(0)
     from fastlora.kernels.quant4 import Packed4bit
@@ -157,18 +190,20 @@ def _record(device, target="sm_89", M=16, N=256, K=512, strategy="fused"):
 
     with _launch.recording(target) as launches:
         y = fastlora.lora_linear(x, q, A, B, 2.0, dropout_p=0.05, compute_dtype=torch.bfloat16,
-                                 strategy=strategy, seed=3)
+                                 lora_dtype=lora_dtype, strategy=strategy, seed=3)
         y.backward(torch.ones_like(y))
     return launches
 
 
+@pytest.mark.parametrize("adapters", ["autocast", "fp32"])
 @pytest.mark.parametrize("strategy", ["fused", "dequant"])
-def test_meta_tensors_specialize_like_real_tensors(strategy):
+def test_meta_tensors_specialize_like_real_tensors(strategy, adapters):
     """inspect records on meta tensors (no data); Triton's specialization of those launches (types,
     16-byte divisibility of pointers and integers, integers equal to 1, constexprs) is the one it
-    computes for the same call on real tensors."""
-    real = _record("cpu", strategy=strategy)
-    c = ins.Call(256, 512, 16, dropout=0.05, strategy=strategy, mode="train")
+    computes for the same call on real tensors (fp32 adapters under bf16 autocast, and without)."""
+    real = _record("cpu", strategy=strategy,
+                   lora_dtype=torch.bfloat16 if adapters == "autocast" else torch.float32)
+    c = ins.Call(256, 512, 16, dropout=0.05, strategy=strategy, mode="train", adapters=adapters)
     meta = ins.record_call(c, "sm_89")
     assert [L.name for L in real] == [L.name for L in meta]
     for r, m in zip(real, meta):
@@ -384,3 +419,24 @@ def test_inspect_rejects_bad_arguments():
         proc = subprocess.run([sys.executable, "-m", "fastlora", "inspect", *args], capture_output=True,
                               text=True, env=env, timeout=300)
         assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_split_k_moves_the_fewest_bytes():
+    """``configs.splits`` on an H100 (132 SMs) for the M ≤ 16 4-bit tile (16 x 256 x 128: a step reads
+    16·128 bf16 of X and 128·256 4-bit weights = 20,480 B; an extra program writes and re-reads a
+    16 x 256 fp32 partial = 32,768 B), worked by hand:
+    - k_proj (N = 1024: 4 tiles, K = 4096: 32 steps): 32 splits, 128 programs of one step each
+      (2.7 MB of wave-rounded reads + 4.2 MB of partials, against 86.5 MB-equivalent unsplit: 4
+      programs leave 128 SMs idle for 32 steps);
+    - q_proj (16 tiles): 8 splits, 128 programs of 4 steps (10.8 + 4.2 MB; 16 splits: 10.8 + 8.4);
+    - gate_proj (56 tiles): 2 splits, 112 programs in one wave of 16 steps (43.3 + 3.7 MB; 7 splits:
+      3 full waves of 5 steps, 40.6 + 12.8; 8 splits: 4 waves of 4 steps, 43.3 + 14.7);
+    - a grid that fills the GPU is not split."""
+    t = TARGETS["sm_90"]
+    cfg = configs.TileConfig(16, 256, 128, 8, 2, 32)
+    pick = lambda tiles: configs.splits(cfg, tiles, 4096, t, 20480, 32768)  # noqa: E731
+    assert [pick(4), pick(16), pick(56), pick(512)] == [32, 8, 2, 1]
+    # never more splits than steps or than the row allows; no target (the interpreter): no split
+    assert configs.splits(cfg, 1, 256, t, 20480, 32768) == 2
+    assert configs.splits(configs.TileConfig(16, 256, 128, 8, 2, 4), 4, 4096, t, 20480, 32768) == 4
+    assert configs.splits(cfg, 4, 4096, None, 20480, 32768) == 1
