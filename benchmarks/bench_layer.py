@@ -3,6 +3,12 @@
     Y = X·Wᵀ + bias + s·(D(X)·Aᵀ)·Bᵀ      X [M, K] bf16, W [N, K] NF4 (blocksize 64, double quant),
                                           A [r, K], B [N, r] fp32 (as get_peft_model leaves them)
 
+Every case runs with the adapters' products in bf16 under autocast (``--autocast bf16``: the QLoRA
+recipe, ``Trainer(bf16=True)``; ``peft`` and ``fastlora-patched`` run inside ``torch.autocast``, the
+direct fastlora providers get ``lora_dtype=bfloat16``, as the patcher passes it) and/or without it
+(``off``: fp32 adapters computed in fp32, by PEFT and fastlora alike). ``dequant-cublas`` computes its
+LoRA terms in bf16 either way.
+
 Providers (all read the same W bytes, A, B, bias, X and dY):
     peft              PEFT's LoRA Linear4bit over a bitsandbytes Linear4bit, as a user's model runs it
     dequant-cublas    bitsandbytes dequantize_4bit -> torch.matmul -> LoRA via addmm_ (adapters cast to
@@ -80,6 +86,7 @@ STRATEGIES = ("fused", "dequant")                    # what fastlora-auto / -pat
 GRADS = ("y", "dx", "da", "db")                      # what is compared with PEFT
 
 FULL_M = (256, 512, 1024, 2048, 4096, 8192, 16384)
+AUTOCAST = ("bf16", "off")
 SMOKE_M = (16, 37)
 LORA_ALPHA_PER_R = 2  # alpha = 2·r (r=16 -> alpha 32, the train benchmark's recipe)
 
@@ -157,6 +164,7 @@ class Case:
     M: int
     r: int
     dropout: float
+    autocast: str = "off"     # "bf16": the providers run the adapters as under torch.autocast(bf16)
 
     @property
     def alpha(self) -> int:
@@ -182,6 +190,8 @@ class Inputs:
 
     def __init__(self, case: Case, device: torch.device, seed: int = 0):
         import bitsandbytes as bnb
+
+        self.case, self.device = case, device
         from peft import LoraConfig, get_peft_model
 
         from fastlora.format import from_bnb
@@ -280,8 +290,15 @@ def make_forward(provider: str, inp: Inputs, dropout: float) -> Callable[[], tor
     the PEFT module's (train: p, eval: off). fastlora-patched must run inside ``provider_state``."""
     import fastlora
 
+    ac = inp.case.autocast == "bf16"
     if provider in ("peft", "fastlora-patched"):
-        return lambda: inp.peft_model(inp.x)
+        if not ac:
+            return lambda: inp.peft_model(inp.x)
+
+        def fwd_autocast():
+            with torch.autocast(inp.device.type, dtype=torch.bfloat16):
+                return inp.peft_model(inp.x)
+        return fwd_autocast
     if provider == "dequant-cublas":
         def fwd():
             xd = torch.nn.functional.dropout(inp.x, dropout, training=True) if dropout > 0 else None
@@ -290,8 +307,10 @@ def make_forward(provider: str, inp: Inputs, dropout: float) -> Callable[[], tor
         return fwd
     if provider in ("fastlora-fused", "fastlora-dequant", "fastlora-auto"):
         strategy = provider.split("-", 1)[1]
+        lora_dtype = torch.bfloat16 if ac else None      # None: the adapters' dtype (fp32)
         return lambda: fastlora.lora_linear(inp.x, inp.packed, inp.A, inp.B, inp.scaling, bias=inp.bias,
-                                            dropout_p=dropout, compute_dtype=inp.compute_dtype, strategy=strategy)
+                                            dropout_p=dropout, compute_dtype=inp.compute_dtype,
+                                            lora_dtype=lora_dtype, strategy=strategy)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
@@ -408,13 +427,14 @@ def _mode_fns(provider: str, inp: Inputs, case: Case):
 # ----------------------------------------------------------------------------------------------
 
 
-def cases(families, Ms, ranks, dropouts):
-    for fam in families:
-        for proj, K, N, bias in FAMILIES[fam]:
-            for r in ranks:
-                for p in dropouts:
-                    for M in Ms:
-                        yield Case(fam, proj, K, N, bias, M, r, p)
+def cases(families, Ms, ranks, dropouts, autocasts=("off",)):
+    for ac in autocasts:
+        for fam in families:
+            for proj, K, N, bias in FAMILIES[fam]:
+                for r in ranks:
+                    for p in dropouts:
+                        for M in Ms:
+                            yield Case(fam, proj, K, N, bias, M, r, p, ac)
 
 
 def _patch_counts(rep) -> dict:
@@ -436,6 +456,8 @@ def run_case(case: Case, providers, modes, device: torch.device, smoke: bool, wr
     base_cfg = {"family": case.family, "proj": case.proj, "M": case.M, "N": case.N, "K": case.K, "r": case.r,
                 "lora_alpha": case.alpha, "scaling": inp.scaling, "dropout": case.dropout, "bias": case.bias,
                 "x_dtype": harness.dtype_name(inp.x.dtype), "adapter_dtype": harness.dtype_name(inp.A.dtype),
+                "autocast": case.autocast,
+                "lora_compute_dtype": "bfloat16" if case.autocast == "bf16" else harness.dtype_name(inp.A.dtype),
                 "weight": weight, "timing": timing,
                 # the rule's pick for this call (lora_linear sees M = x's rows, a Packed4bit W)
                 "auto_strategy": fastlora.choose_strategy(case.M, case.N, case.K, True, device),
@@ -510,6 +532,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--m", type=_csv(int), default=None, help=f"tokens M (default {','.join(map(str, FULL_M))})")
     ap.add_argument("--r", type=_csv(int), default=None, help="LoRA ranks (default 16,64)")
     ap.add_argument("--dropout", type=_csv(float), default=None, help="LoRA dropout (default 0,0.05)")
+    ap.add_argument("--autocast", type=_csv(str), default=None,
+                    help="comma list of bf16 (adapters as under torch.autocast(bfloat16): the QLoRA recipe) "
+                         "and off (fp32 adapters in fp32); default bf16,off, bf16 cases first")
     ap.add_argument("--providers", type=_csv(str), default=None, help=f"comma list of {PROVIDERS}")
     ap.add_argument("--modes", type=_csv(str), default=None, help=f"comma list of {MODES}")
     ap.add_argument("--warmup-ms", type=int, default=25)
@@ -532,6 +557,10 @@ def run(args, device: Optional[torch.device] = None, budget: Optional[harness.Bu
     Ms = args.m or (list(SMOKE_M) if args.smoke else list(FULL_M))
     ranks = args.r or ([4] if args.smoke and args.family is None else [16, 64])
     dropouts = args.dropout if args.dropout is not None else ([0.05] if args.smoke else [0.0, 0.05])
+    autocasts = getattr(args, "autocast", None) or ["bf16", "off"]
+    for ac in autocasts:
+        if ac not in AUTOCAST:
+            raise SystemExit(f"unknown --autocast {ac!r}; choose from {AUTOCAST}")
     providers = args.providers or list(PROVIDERS)
     modes = args.modes or list(MODES)
     for p in providers:
@@ -547,7 +576,7 @@ def run(args, device: Optional[torch.device] = None, budget: Optional[harness.Bu
     else:
         timing = {"warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms}
     writer = harness.RecordWriter(args.out, "layer")
-    todo = [c for c in cases(families, Ms, ranks, dropouts)
+    todo = [c for c in cases(families, Ms, ranks, dropouts, autocasts)
             if not args.proj or any(p in c.proj.split(",") for p in args.proj)]
     done = 0
     for i, case in enumerate(todo):
@@ -555,7 +584,7 @@ def run(args, device: Optional[torch.device] = None, budget: Optional[harness.Bu
             harness.log(f"layer: budget spent, {len(todo) - i} of {len(todo)} cases not run")
             break
         harness.log(f"[layer {i + 1}/{len(todo)}] {case.family} {case.proj} K={case.K} N={case.N} M={case.M} "
-                    f"r={case.r} dropout={case.dropout}")
+                    f"r={case.r} dropout={case.dropout} autocast={case.autocast}")
         run_case(case, providers, modes, device, args.smoke, writer, timing)
         done += 1
     if getattr(args, "model", False) and done:
@@ -579,9 +608,10 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
     calls = {}
     for i, case in enumerate(todo):
         for strategy in ("fused", "dequant"):
-            # the providers here run fp32 adapters without autocast (PEFT then runs them in fp32)
-            calls[(i, strategy)] = inspection.Call(case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4",
-                                                   True, 64, strategy, "train", case.proj, adapters="fp32")
+            # autocast bf16: the adapter products in bf16; off: fp32 adapters in fp32
+            calls[(i, strategy)] = inspection.Call(
+                case.N, case.K, case.M, case.r, case.dropout, "bf16", "nf4", True, 64, strategy, "train", case.proj,
+                adapters="autocast" if case.autocast == "bf16" else "fp32")
     try:
         reports = inspection.run(list(calls.values()), [target])
     except Exception as exc:  # the model is a column; its failure must not lose the measurements
@@ -598,7 +628,8 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
                        "model_us_auto": us(fused if auto == "fused" else deq),
                        "floor_us_step": fused.floor_us, "fits": fused.ok and deq.ok}
             cfg = {"family": case.family, "proj": case.proj, "M": case.M, "N": case.N, "K": case.K, "r": case.r,
-                   "dropout": case.dropout, "provider": MODEL_PROVIDER, "mode": mode, "model_target": target,
+                   "dropout": case.dropout, "autocast": case.autocast, "provider": MODEL_PROVIDER, "mode": mode,
+                   "model_target": target,
                    "auto_strategy": auto, "model": "static speed-of-light model (fastlora inspect), not a measurement"}
             rec = harness.make_record("layer", cfg, metrics, {"model_us_*": inspection.__doc__.split("The formulas")[1][:1200]},
                                       device=device, smoke=smoke)

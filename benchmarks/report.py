@@ -2,7 +2,8 @@
 
     python -m benchmarks report benchmarks/results/<device-slug> [--out DIR]
 
-Layer tables: one row per projection shape x r x dropout x M, each provider's median ms, then
+Layer tables: one row per projection shape x r x dropout x M (a family measured with the adapters
+under bf16 autocast is labelled ``<family>+autocast``), each provider's median ms, then
 fastlora-auto's speed-up over ``peft`` and over ``dequant-cublas`` (t_baseline / t_fastlora), its
 ratio to ``bf16-floor`` (t_fastlora / t_floor, 1.0 = as fast as the bare bf16 GEMMs), and the
 speed-up of ``fastlora-patched`` (the PEFT layer after ``fastlora.patch``) over ``peft``. When a
@@ -57,7 +58,9 @@ def _layer_groups(records):
         if r.get("bench") != "layer":
             continue
         c = r["config"]
-        key = (r["device_name"], c["family"], c["proj"], c["K"], c["N"], c["r"], c["dropout"], c["mode"])
+        # the adapters' setting is part of the family's label: its own tables and plots
+        fam = c["family"] + ("+autocast" if c.get("autocast") == "bf16" else "")
+        key = (r["device_name"], fam, c["proj"], c["K"], c["N"], c["r"], c["dropout"], c["mode"])
         groups[key][c["M"]][c["provider"]] = r
     return groups
 

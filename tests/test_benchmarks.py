@@ -88,8 +88,12 @@ def test_layer_records(smoke_dir):
     models = [r for r in recs if r["config"].get("provider") == bench_layer.MODEL_PROVIDER]
     recs = [r for r in recs if r["config"].get("provider") != bench_layer.MODEL_PROVIDER]
     # the model column: fastlora inspect's figures for sm_90 (a CPU run), never a performance claim
-    assert {(r["config"]["M"], r["config"]["proj"], r["config"]["mode"]) for r in models} == \
-        {(r["config"]["M"], r["config"]["proj"], r["config"]["mode"]) for r in recs}
+    def case_of(r):
+        return tuple(r["config"][k] for k in ("M", "proj", "mode", "autocast"))
+
+    assert {case_of(r) for r in models} == {case_of(r) for r in recs}
+    # both adapter settings measured: under bf16 autocast (the QLoRA recipe) and fp32 without
+    assert {r["config"]["autocast"] for r in recs} == {"bf16", "off"}
     for rec in models:
         c, m = rec["config"], rec["metrics"]
         assert rec["performance_claim"] is False and "not a measurement" in c["model"]
@@ -98,14 +102,12 @@ def test_layer_records(smoke_dir):
         assert 0 < m["model_us_fused"] and 0 < m["model_us_dequant"] and m["floor_us_step"] > 0
         assert m["model_us_auto"] == m[f"model_us_{c['auto_strategy']}"]
         if c["mode"] == "forward+backward":
-            fwd = next(r for r in models if r["config"]["M"] == c["M"] and r["config"]["proj"] == c["proj"]
-                       and r["config"]["mode"] == "forward")["metrics"]
-            bwd = next(r for r in models if r["config"]["M"] == c["M"] and r["config"]["proj"] == c["proj"]
-                       and r["config"]["mode"] == "backward")["metrics"]
+            fwd = next(r for r in models if case_of(r) == (c["M"], c["proj"], "forward", c["autocast"]))["metrics"]
+            bwd = next(r for r in models if case_of(r) == (c["M"], c["proj"], "backward", c["autocast"]))["metrics"]
             assert m["model_us_fused"] == pytest.approx(fwd["model_us_fused"] + bwd["model_us_fused"])
     for rec in recs:
         c, m = rec["config"], rec["metrics"]
-        where = f"layer {c.get('proj')} M={c.get('M')} {c.get('provider')} {c.get('mode')}"
+        where = f"layer {c.get('proj')} M={c.get('M')} {c.get('provider')} {c.get('mode')} autocast={c.get('autocast')}"
         _check_common(rec, where)
         assert rec["bench"] == "layer"
         for key in ("family", "proj", "M", "N", "K", "r", "lora_alpha", "scaling", "dropout", "bias", "weight",
@@ -116,6 +118,7 @@ def test_layer_records(smoke_dir):
         assert (w["quant_type"], w["double_quant"], w["blocksize"], w["compute_dtype"], w["shape"]) == \
             ("nf4", True, 64, "bfloat16", [c["N"], c["K"]]), f"{where}: weight {w}"
         assert c["x_dtype"] == "bfloat16" and c["adapter_dtype"] == "float32", where
+        assert c["lora_compute_dtype"] == ("bfloat16" if c["autocast"] == "bf16" else "float32"), where
         assert 0 < m["p20_ms"] <= m["median_ms"] <= m["p80_ms"], f"{where}: timings {m}"
         assert m["tflops"] == pytest.approx(m["flops"] / (m["median_ms"] * 1e-3) / 1e12)
         lora = c["provider"] != "bf16-floor"
@@ -145,7 +148,7 @@ def test_layer_records(smoke_dir):
                 assert ref > 0, f"{where}: PEFT's {g or 'Y'} is all zero: the check compares nothing"
                 assert diff <= 2 * eps16 * ref, f"{where}: max |{g or 'Y'} - PEFT's| = {diff} > {2 * eps16 * ref}"
             assert m["matches_peft"] is True, where
-            if c["provider"].startswith("fastlora-"):
+            if c["provider"].startswith("fastlora-") and c["autocast"] == "off":
                 # fastlora's LoRA gradients are fp32 like PEFT's: fp32 summation-order differences only
                 for g in ("_da", "_db"):
                     diff, tol = m["max_abs_diff_vs_peft" + g], 4 * eps32 * c["M"] ** 0.5 * m["ref_absmax" + g]
