@@ -3,7 +3,9 @@
 The model is what a user trains: a Llama checkpoint (random weights from a ``LlamaConfig``, saved
 once to a local folder) loaded with ``BitsAndBytesConfig(load_in_4bit, nf4, double quant, bf16
 compute)``, gradient checkpointing on (non-reentrant), PEFT LoRA r=16, alpha=32, dropout=0.05 on the
-seven projections (q, k, v, o, gate, up, down), fp32 adapters as get_peft_model leaves them, AdamW.
+seven projections (q, k, v, o, gate, up, down), fp32 adapters as get_peft_model leaves them, AdamW,
+the forward under ``torch.autocast(bfloat16)`` as ``Trainer(bf16=True)`` runs it (``--no-autocast``:
+without; PEFT then runs the adapters in fp32).
 
 Per model, at one batch x sequence:
     tokens/s   = batch · seq · steps / wall time of ``steps`` optimizer steps (after ``warmup`` steps)
@@ -124,8 +126,8 @@ def load_qlora_model(folder: Path, device: torch.device, gradient_checkpointing:
 
 
 class Trainer:
-    def __init__(self, model, device: torch.device, vocab: int, seed: int = 0):
-        self.model, self.device, self.vocab = model, device, vocab
+    def __init__(self, model, device: torch.device, vocab: int, seed: int = 0, autocast: bool = True):
+        self.model, self.device, self.vocab, self.autocast = model, device, vocab, autocast
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -134,7 +136,9 @@ class Trainer:
         return torch.randint(0, self.vocab, (b, s), generator=self.gen).to(self.device)
 
     def step(self, ids: torch.Tensor) -> float:
-        loss = self.model(input_ids=ids, labels=ids).loss
+        # the forward under bf16 autocast, the backward outside it (what Trainer(bf16=True) does)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -326,12 +330,13 @@ def run_model(preset: str, args, device: torch.device, writer: harness.RecordWri
         cfg_model = {"preset": preset, **PRESETS[preset], "load_in_4bit": True, **_model_description(model),
                      "gradient_checkpointing": "non-reentrant",
                      "lora": {**LORA, "target_modules": TARGETS},
-                     "optimizer": "torch.optim.AdamW(lr=1e-4)", "load_seconds": load_s}
+                     "optimizer": "torch.optim.AdamW(lr=1e-4)", "load_seconds": load_s,
+                     "autocast": "bfloat16" if not args.no_autocast else None}
         cfg = {"model": cfg_model, "variant": variant, "batch": b, "seq": s, "warmup_steps": warmup,
                "steps": steps, "seed": args.seed, "order": list(order), "position": position,
                "order_rule": args.order, "order_seed": order_seed if args.order == "random" else None,
                "initial_adapters_sha256": _adapter_sha256(model)}
-        trainer = Trainer(model, device, PRESETS[preset]["vocab_size"], seed=args.seed)
+        trainer = Trainer(model, device, PRESETS[preset]["vocab_size"], seed=args.seed, autocast=not args.no_autocast)
         if variant == "patched":
             rep = fastlora.patch(model)
             cfg["patch_report"] = lambda rep=rep: _patch_report(rep)   # read when each record is written
@@ -352,6 +357,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--memory-budgets", type=lambda s: [float(v) for v in s.split(",")],
                     default=list(MEMORY_BUDGETS_GB), help="GB budgets of the max-seq search (default 16,24)")
     ap.add_argument("--no-max-seq", action="store_true", help="skip the max-sequence search")
+    ap.add_argument("--no-autocast", action="store_true",
+                    help="run the forward without torch.autocast(bfloat16) (default: with it, as Trainer(bf16=True))")
     ap.add_argument("--seq-start", type=int, default=1024)
     ap.add_argument("--seq-cap", type=int, default=65536)
     ap.add_argument("--seq-granularity", type=int, default=512)

@@ -186,6 +186,7 @@ def test_train_records(smoke_dir):
         w = c["model"]["weight"]
         assert (w["quant_type"], w["double_quant"], w["compute_dtype"]) == ("nf4", True, "bfloat16"), f"{where}: {w}"
         assert c["model"]["adapter_dtype"] == "float32", where
+        assert c["model"]["autocast"] == "bfloat16", where       # as Trainer(bf16=True) runs the forward
         assert m["tokens_per_s"] > 0 and m["step_ms_median"] > 0
         assert all(torch.isfinite(torch.tensor(m["losses"])))
         variants[c["variant"]] = rec
