@@ -78,12 +78,16 @@ _SM80_UP = {
 }
 
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
-    # M <= 16: 16 x 128 x 128, 4 warps: at the split-K this row gets on an H100 the fp32 partials are
-    # half those of 256-wide tiles; the modelled training step of the four Llama-3-8B projections at
-    # M = 16 drops from 75 to 70 µs (the dY·W loop rises from 6.3 to 6.5 instructions per weight)
+    # M <= 16: 16 x 128 x 128, 4 warps, 1 stage: half the split-K partials of 256-wide tiles, and no
+    # software pipelining: the loads go straight to registers (no cp.async staging through shared
+    # memory), so the main loop takes 4.9 (X·Wᵀ) and 5.1 (dY·W) instructions per weight, against 5.8
+    # and 6.3 for 16 x 256 x 128, 8 warps, 2 stages; the modelled training step of the four Llama-3-8B
+    # projections at M = 16 drops from 75 to 63 µs. What the model cannot see: memory latency is then
+    # hidden only by the resident programs (2 per SM) and each thread's loads in flight. The first
+    # thing to measure on an H100. (1 stage does not help the mma.sync parts, sm_80..sm_89.)
     # M > 16: 2 stages for the large-M 4-bit tile: with 3, X·Wᵀ with an fp32 LoRA epilogue (fp32
     # adapters, no autocast) spills 16 B on sm_90
-    "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 2, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))]},
+    "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))]},
     "sm_80": dict(_SM80_UP),
     # 99 KB per block: the small-M dense tile with 2 stages, not 3
     "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))]},
