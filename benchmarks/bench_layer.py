@@ -478,6 +478,8 @@ def run_case(case: Case, providers, modes, device: torch.device, smoke: bool, wr
             for mode in modes:
                 fn, grads = fns[mode]
                 cfg = {**base_cfg, "provider": provider, "mode": mode}
+                if provider == "dequant-cublas":
+                    cfg["lora_compute_dtype"] = "bfloat16"    # it casts the adapters to X's dtype itself
                 if provider.startswith("fastlora-"):
                     cfg["strategy"] = provider.split("-", 1)[1] if provider != "fastlora-patched" else "auto"
                     if "strategy_observed" in check:

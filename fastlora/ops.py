@@ -59,7 +59,8 @@ def _check_target_dtype(device, *dtypes) -> None:
     target = launch_target(device)
     if target is not None and not target.has_bf16 and torch.bfloat16 in dtypes:
         raise TypeError(f"bfloat16 is not supported on {target.name} ({target.gpu}): compute capability 8.0 or "
-                        "newer is needed; use float16 (fp16=True in the Trainer, bnb_4bit_compute_dtype=float16)")
+                        "newer is needed for bf16 activations, compute dtype or adapter products (lora_dtype); use float16 "
+                        "(fp16=True in the Trainer, bnb_4bit_compute_dtype=float16, fp16 or fp32 adapters)")
 
 
 def _round_base(out_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
@@ -181,6 +182,14 @@ def _(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, bl
     return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=lora_dtype)
 
 
+def _adapter_grad(g32: torch.Tensor, lora_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+    """dA or dB, accumulated in fp32, as PEFT hands it to the parameter: computed in the 16-bit
+    lora_dtype (so rounded to it, and inf where it overflows), then in the parameter's dtype."""
+    if lora_dtype != torch.float32:
+        g32 = g32.to(lora_dtype)
+    return g32 if g32.dtype == dtype else g32.to(dtype)
+
+
 def _backward_impl(
     dy: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     weight: torch.Tensor, code: Optional[torch.Tensor], absmax: Optional[torch.Tensor],
@@ -201,23 +210,25 @@ def _backward_impl(
     dB = lora_B.new_empty((0,))
     g = None
     if need_x or need_a:
-        g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)   # G = dY·B
-        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, adapter=True)
+        # G = s·dY·B: PEFT's dH, the gradient of the adapter path's input to lora_B, which it holds in
+        # the adapters' (or autocast) dtype with s applied first, so a 16-bit G overflows where PEFT's does
+        g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)
+        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True)
     if need_x:
         dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
         _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
                         term_first=dx.dtype == torch.float16,
-                        lora_l=g, lora_r=lora_A, lora_scale=scaling,
+                        lora_l=g, lora_r=lora_A, lora_scale=1.0,
                         dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
     if need_a:
         dA32 = torch.empty((r, K), dtype=torch.float32, device=dy.device)   # s·Gᵀ·D(X)
-        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True,
+        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=lora_dtype, out_scale=1.0, adapter=True,
                     dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-        dA = dA32 if lora_A.dtype == torch.float32 else dA32.to(lora_A.dtype)
+        dA = _adapter_grad(dA32, lora_dtype, lora_A.dtype)
     if need_b:
         dB32 = torch.empty((N, r), dtype=torch.float32, device=dy.device)   # s·dYᵀ·H
         lora_matmul(dy.t(), h, dB32, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True)
-        dB = dB32 if lora_B.dtype == torch.float32 else dB32.to(lora_B.dtype)
+        dB = _adapter_grad(dB32, lora_dtype, lora_B.dtype)
     return dx, dA, dB
 
 

@@ -62,7 +62,7 @@ _INF = 1 << 62
 # per program (block_m / block_i unused, 1).
 # sm_80 and up: the same rows fit and do not spill on sm_80, sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py)
 #   frozen4, M <= 16: 16 x 256 x 128, 8 warps, 2 stages: 5.7 (X·Wᵀ) / 6.0 (dY·W) thread-instructions per
-#     weight on sm_89 (6.1 / 6.4 with 16 x 128 x 64 and 4 warps), 90,112 B of shared memory; split-K 8
+#     weight on sm_89 (6.1 / 6.4 with 16 x 128 x 64 and 4 warps), 90,112 B of shared memory; split-K up to 32 (sm_90: its own row)
 #   frozen4, M > 16: 128 x 128 x 64, 8 warps, 3 stages (2 on sm_90): 0 spill bytes everywhere since the
 #     dropout mask takes one Philox call per 4 elements (before, the same tile spilled 8-976 B and
 #     128 x 64 x 64 was used: half the MMA work per decoded weight); 58-75 KB of shared memory

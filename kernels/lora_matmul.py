@@ -64,8 +64,8 @@ def _keep(seed, rows, k0, K, p, BLOCK_K: tl.constexpr):
     quads = (k0 // 4 + tl.arange(0, BLOCK_K // 4)).to(tl.int64)
     counter = rows[:, None] * ((K + 3) // 4) + quads[None, :]                   # [R, BLOCK_K / 4]
     u0, u1, u2, u3 = tl.rand4x(seed, counter)
-    # join stacks on a new last axis: (u0, u2) and (u1, u3), then those two, puts lane l = 2a + b of
-    # a quad at u[a + 2b], i.e. u0, u1, u2, u3 in column order
+    # tl.join stacks on a new last axis: join(join(u0, u2), join(u1, u3))[..., a, b] is u0, u2 for
+    # b = 0 and u1, u3 for b = 1, so the flattened (a, b) = 0, 1, 2, 3 read u0, u1, u2, u3: column order
     u = tl.join(tl.join(u0, u2), tl.join(u1, u3))                               # [R, BLOCK_K / 4, 2, 2]
     return tl.reshape(u, (rows.shape[0], BLOCK_K)) >= p
 
@@ -77,7 +77,7 @@ def _lora_matmul_kernel(
     # W [Nw, Kw]: 4-bit (decode args) or dense (w_ptr + strides)
     w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     stride_wn, stride_wk, Kw,
-    # epilogue operands: L [M, rank] fp32, R [rank, J] any strides, bias [J]
+    # epilogue operands: L [M, rank] (fp32 or the adapters' 16-bit dtype), R [rank, J] any strides, bias [J]
     l_ptr, stride_lm, stride_lr,
     r_ptr, stride_rr, stride_rj,
     bias_ptr,
@@ -215,6 +215,8 @@ def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_
                 term = tl.dot(lo, ro, term, input_precision="ieee")                        # [BLOCK_M, BLOCK_J]
             else:
                 term = tl.dot(lo, ro, term)
+        if LORA_DT != tl.float32:
+            term = term.to(LORA_DT).to(tl.float32)   # lora_B's (or, backward, lora_A's) output, as PEFT rounds it
         term = term * lora_scale
         if DROPOUT == 3:
             keep = _keep(seed, offs_m, j0, J, p, BLOCK_J)
@@ -317,6 +319,8 @@ def lora_matmul(
     rank = lora_l.shape[1] if has_lora else 0
     if has_lora and (tuple(lora_l.shape) != (M, rank) or tuple(lora_r.shape) != (rank, J)):
         raise ValueError(f"LoRA factors must be [{M}, r] and [r, {J}], got {tuple(lora_l.shape)}, {tuple(lora_r.shape)}")
+    if dropout == DROP_W and not trans_w:
+        raise ValueError("dropout on W (DROP_W) indexes W as X [M, K] with trans_w=True (dA = s·Gᵀ·D(X))")
     if dropout != DROP_NONE and (seed is None or seed.numel() != 1 or seed.device != a.device):
         raise ValueError("dropout needs its seed as a one-element int64 tensor on the input's device")
     if M == 0 or J == 0:
@@ -340,7 +344,7 @@ def lora_matmul(
     # one more program of a split writes to the fp32 partials and the sum pass reads back
     w_elt = 0.5 if is_4bit else w.element_size()
     step_bytes = int(min(BM, M) * BI * a.element_size() + BI * min(BJ, J) * w_elt)
-    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target, step_bytes, 2 * BM * BJ * 4)
+    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target, step_bytes, 2 * min(BM, M) * min(BJ, J) * 4)
     l_ = lora_l if has_lora else out
     r_ = lora_r if has_lora else out
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0

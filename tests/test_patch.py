@@ -715,6 +715,34 @@ def test_fp16_overflow_like_peft(kind, case):
         torch.testing.assert_close(mine[fin].float(), theirs[fin].float(), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("kind", ["dense", "4bit"])
+def test_fp16_adapters_overflow_like_peft(kind):
+    """fp16 adapters: PEFT runs the adapter path in fp16, s applied to dY before lora_B's backward, so
+    dH = s·dY·B is what overflows: 2·1000·40 = 80000 is inf in fp16 while dY·B = 40000 is not. dX
+    (row 0: inf·A) and dA (row 0: inf·X) are inf or NaN exactly where PEFT's are, finite elsewhere."""
+    pm = _overflow_model(kind, 0.5, 40.0)
+    layer = layer_of(pm)
+    layer.lora_A["default"].half()
+    layer.lora_B["default"].half()
+    ref, report = patched_pair(pm)
+    x = (rand(3, K_IN) * 0.5).to(torch.float16)
+    x[0] = 0.5
+    dy = (rand(3, N_OUT) * 0.5).to(torch.float16)
+    dy[0, 0] = 1000.0
+    y, dx, g = run(pm, x, dy, ["default"])
+    y_ref, dx_ref, g_ref = run(ref, x, dy, ["default"])
+    assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, dict(report.fallback_calls))
+    assert torch.isfinite(y_ref).all() and torch.isinf(dx_ref).any(), "the case must overflow in backward only"
+    for name, mine, theirs in (("Y", y, y_ref), ("dX", dx, dx_ref), ("dA", g["default"][0], g_ref["default"][0]),
+                               ("dB", g["default"][1], g_ref["default"][1])):
+        assert mine.dtype == theirs.dtype, (name, mine.dtype, theirs.dtype)
+        for what, f in (("inf", torch.isinf), ("nan", torch.isnan)):
+            assert torch.equal(f(mine), f(theirs)), (
+                f"{kind} {name}: {what} at {f(mine).nonzero().tolist()[:8]}, PEFT's at {f(theirs).nonzero().tolist()[:8]}")
+        fin = torch.isfinite(theirs)
+        torch.testing.assert_close(mine[fin].float(), theirs[fin].float(), rtol=4e-3, atol=4e-3)
+
+
 @pytest.mark.parametrize("method", ["IA3", "LOHA"])
 def test_other_peft_methods_named_in_the_error(method):
     from peft import IA3Config, LoHaConfig
