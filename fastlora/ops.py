@@ -30,7 +30,7 @@ import torch
 from .format import from_bnb
 from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul, seed_tensor
 from .kernels import configs
-from .kernels._launch import launch_target
+from .kernels._launch import launch_target, stub_active
 from .kernels.quant4 import Packed4bit, dequantize_4bit
 
 STRATEGIES = ("fused", "dequant")
@@ -178,6 +178,9 @@ _lora_linear_op = torch.library.custom_op("fastlora::lora_linear", mutates_args=
 @_lora_linear_op.register_fake
 def _(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
       bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy):
+    if stub_active():   # meta tensors under _launch.stubbed: the real implementation, launches stubbed
+        return _forward_impl(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize,
+                             blocksize2, bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy)
     M = x2.shape[0]
     return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=lora_dtype)
 
@@ -239,6 +242,10 @@ _lora_linear_backward_op = torch.library.custom_op("fastlora::lora_linear_backwa
 @_lora_linear_backward_op.register_fake
 def _(dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
       scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy, need_x, need_a, need_b):
+    if stub_active():
+        return _backward_impl(dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K,
+                              blocksize, blocksize2, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy,
+                              need_x, need_a, need_b)
     M = x2.shape[0]
     r = lora_A.shape[0]
     return (x2.new_empty((M, K) if need_x else (0,)), lora_A.new_empty((r, K) if need_a else (0,)),

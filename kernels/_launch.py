@@ -115,11 +115,13 @@ def tiles_for(target):
 
 def launch_target(device) -> Optional[Target]:
     """The target whose launch configuration applies on ``device``: the recorded target inside
-    :func:`recording`; the device's own on CUDA; under the interpreter None (its own tiles) unless
-    :func:`tiles_for` named one."""
+    :func:`recording` or :func:`stubbed`; the device's own on CUDA; under the interpreter None (its
+    own tiles) unless :func:`tiles_for` named one."""
     rec = _recorder()
     if rec is not None:
         return rec.target
+    if _STUB is not None:
+        return _STUB.target
     if _interpreter.interpreter_active():
         return _INTERPRETER_TILES
     dev = torch.device(device)
@@ -139,8 +141,9 @@ def _device_target_cached(index: int) -> Target:
 
 
 def require_runnable(device, what: str) -> None:
-    """As ``_interpreter.require_runnable``, except while recording (meta tensors are the point)."""
-    if _recorder() is None:
+    """As ``_interpreter.require_runnable``, except while recording or stubbed (meta tensors are the
+    point)."""
+    if _recorder() is None and _STUB is None:
         _interpreter.require_runnable(device, what)
 
 
@@ -150,7 +153,26 @@ def launch(kernel, grid, *args, **kwargs):
     if rec is not None:
         rec.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs), getattr(_state, "label", None)))
         return None
+    if _STUB is not None:
+        from triton.backends.compiler import GPUTarget
+
+        with _target_caches(kernel, GPUTarget("cuda", _STUB.target.cc, 32)):
+            return kernel[grid](*args, **kwargs)
     return kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _target_caches(kernel, gpu):
+    """The JIT keeps its binder (and with it the target) per device index: give ``kernel`` a set of
+    caches of ``gpu``'s own while inside, and put the device's back after, so a real GPU in the same
+    process never launches what was compiled for another target."""
+    own = kernel.device_caches
+    per_target = kernel.__dict__.setdefault("_fastlora_target_caches", {})
+    kernel.device_caches = per_target.setdefault(gpu.arch, defaultdict(kernel.create_binder))
+    try:
+        yield
+    finally:
+        kernel.device_caches = own
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,18 +219,12 @@ def compile_launch(launch_: Launch, target):
         )
     gpu = GPUTarget("cuda", target.cc, 32)
     prev = driver._active
-    # the JIT keeps its binder (and with it the target) per device index: give it a set of caches of
-    # this target's own, and put the device's back after, so a real GPU in the same process never
-    # launches what was compiled for another target
-    own = kernel.device_caches
-    per_target = kernel.__dict__.setdefault("_fastlora_target_caches", {})
-    kernel.device_caches = per_target.setdefault(gpu.arch, defaultdict(kernel.create_binder))
     driver.set_active(_TargetDriver(gpu))
     try:
-        return kernel.warmup(*launch_.args, grid=launch_.grid, **launch_.kwargs)
+        with _target_caches(kernel, gpu):
+            return kernel.warmup(*launch_.args, grid=launch_.grid, **launch_.kwargs)
     finally:
         driver._active = prev
-        kernel.device_caches = own
 
 
 _TWINS: dict = {}
@@ -242,3 +258,96 @@ def specialization(launch_: Launch, target) -> dict:
     _, spec, _ = binder(*launch_.args, **launch_.kwargs)
     names = [p.name for p in params]
     return {n: tuple(s) if isinstance(s, (tuple, list)) else s for n, s in zip(names, spec)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton's real launch path, with a driver that launches nothing (host-cost measurements)
+# ----------------------------------------------------------------------------------------------
+
+
+class _StubUtils:
+    """The driver utilities Triton's launch path calls: a binary 'loads' to nothing; the device
+    properties are the target's."""
+
+    def __init__(self, target: Target):
+        self._target = target
+
+    def load_binary(self, name, kernel, shared, device):
+        return (0, 0, 0, 0, 1024)   # module, function, registers, spills, max threads per block
+
+    def unload_module(self, module):
+        pass
+
+    def get_device_properties(self, device):
+        t = self._target
+        return {"max_shared_mem": t.smem_per_block, "multiprocessor_count": t.sms, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": int(t.clock_ghz * 1e6), "mem_clock_rate": 0, "mem_bus_width": 0}
+
+
+class _StubDriver(_TargetDriver):
+    """Triton's driver for :func:`stubbed`: reports the target, loads no binary, and launches by
+    calling ``on_launch(compiled_kernel_name, grid, args)`` instead of the GPU."""
+
+    def __init__(self, target: Target, gpu, on_launch):
+        super().__init__(gpu)
+        self.utils = _StubUtils(target)
+        self._on_launch = on_launch
+
+    def launcher_cls(self, src, metadata):
+        name, hook = metadata.name, self._on_launch
+
+        def run(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
+                *args):
+            hook(name, (gridX, gridY, gridZ), args)
+
+        return run
+
+
+@dataclass
+class _Stub:
+    target: Target
+    launches: List[tuple] = field(default_factory=list)   # (kernel name, grid, args) per launch
+    keep_args: bool = False
+
+
+_STUB: Optional[_Stub] = None
+
+
+@contextlib.contextmanager
+def stubbed(target, keep_args: bool = False):
+    """Run every launch made inside through Triton's real launch path (argument binding and
+    specialization, the compile cache, fastlora's own launch plans) as on ``target``, with a driver
+    that loads no binary and launches nothing. Yields the list of launches made, as
+    ``(kernel name, grid, args)`` (args only when ``keep_args``; else None).
+
+    For measuring the host side of a layer call on a machine without a GPU: the op runs on ``meta``
+    tensors (shapes, no data), kernels are compiled for ``target`` on their first launch (seconds;
+    warm up before timing), and what a call costs the host up to the driver is then what a GPU run
+    costs it, less the driver's own launch (argument packing in C and ``cuLaunchKernel``, a few µs
+    per launch on a GPU). Needs the kernels decorated as compiled functions (no TRITON_INTERPRET)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    global _STUB
+    if _STUB is not None or _recorder() is not None:
+        raise RuntimeError("fastlora: launches are already being stubbed or recorded")
+    if _interpreter.interpreter_active():
+        raise RuntimeError("fastlora: stubbed launches need compiled kernels; TRITON_INTERPRET=1 is set")
+    t = get_target(target)
+    stub = _Stub(t, keep_args=keep_args)
+
+    def on_launch(name, grid, args):
+        stub.launches.append((name, grid, args if stub.keep_args else None))
+
+    prev = driver._active
+    driver.set_active(_StubDriver(t, GPUTarget("cuda", t.cc, 32), on_launch))
+    _STUB = stub
+    try:
+        yield stub.launches
+    finally:
+        _STUB = None
+        driver._active = prev
+
+
+def stub_active() -> bool:
+    return _STUB is not None

@@ -228,7 +228,7 @@ def check_device(q: Packed4bit, *others: torch.Tensor, what: str = "input") -> N
     for t in others:
         if t is not None and t.device != q.device:
             raise ValueError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}")
-    if q.device.type == "meta" and not _launch.recording_active():
+    if q.device.type == "meta" and not (_launch.recording_active() or _launch.stub_active()):
         # a meta tensor has no data: without this, the interpreter fails deep inside with
         # "Cannot copy out of meta tensor" and a GPU launch with an invalid pointer
         raise ValueError("the 4-bit weight is on the meta device (it has no data): load or move the model "
