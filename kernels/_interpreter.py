@@ -36,6 +36,10 @@ def can_run_on(device) -> bool:
     """Whether fastlora's Triton kernels can run on tensors of ``device``: a CUDA GPU, or the CPU
     under the interpreter."""
     kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    if kind == "meta":
+        from . import _launch   # meta tensors run only with launches recorded or stubbed (no data)
+
+        return _launch.stub_active() or _launch.recording_active()
     return kind == "cuda" or (kind == "cpu" and interpreter_active())
 
 
