@@ -32,6 +32,7 @@ memory within the target's limit, zero spill bytes, tensor-core instructions whe
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -161,12 +162,71 @@ def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_b
     return best
 
 
-def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:
-    """The launch configuration of one product out[M, J] = Σ_i a[M, I]·T[I, J] on ``target``
-    (None: the interpreter's). Tiles are narrowed to the problem (never below 16, the smallest
-    tensor-core tile)."""
+# ----------------------------------------------------------------------------------------------
+# measured choices: what on-device tuning found fastest replaces the table's row
+# ----------------------------------------------------------------------------------------------
+
+# kind -> TileConfig used for every product of that kind while inside :func:`override` (the tuner
+# times a candidate this way)
+_OVERRIDES: Dict[str, TileConfig] = {}
+# (target name, kind, m_bucket(M), J, I) -> TileConfig measured fastest on this process's device
+_TUNED: Dict[tuple, TileConfig] = {}
+# bumped whenever an override or a tuned entry changes: launch plans cached before are stale
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """A number that changes whenever :func:`select` may answer differently for the same problem."""
+    return _GENERATION[0]
+
+
+def m_bucket(M: int) -> int:
+    """The token bucket a measured choice is kept for: M rounded up to a power of two (1, 2, 4, ...,
+    so a training run with varying batch shapes meets a handful of buckets, not one per shape)."""
+    return 1 << max(0, int(M) - 1).bit_length()
+
+
+@contextlib.contextmanager
+def override(kind: str, cfg: TileConfig):
+    """Inside, every product of ``kind`` uses ``cfg`` instead of the table's row (tiles still narrowed
+    to the problem)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind of product {kind!r}; one of {KINDS}")
+    prev = _OVERRIDES.get(kind)
+    _OVERRIDES[kind] = cfg
+    _GENERATION[0] += 1
+    try:
+        yield
+    finally:
+        if prev is None:
+            _OVERRIDES.pop(kind, None)
+        else:
+            _OVERRIDES[kind] = prev
+        _GENERATION[0] += 1
+
+
+def set_tuned(target: Target, kind: str, M: int, J: int, I: int, cfg: Optional[TileConfig]) -> None:
+    """Record (``cfg``) or forget (None) the measured choice for products of ``kind`` at M's bucket."""
+    key = (target.name, kind, m_bucket(M), J, I)
+    if cfg is None:
+        _TUNED.pop(key, None)
+    else:
+        _TUNED[key] = cfg
+    _GENERATION[0] += 1
+
+
+def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:
+    """The launch configuration of one product out[M, J] = Σ_i a[M, I]·T[I, J] on ``target``
+    (None: the interpreter's): an :func:`override` in force, else the measured choice for the
+    problem (:func:`set_tuned`), else the family table's row. Tiles are narrowed to the problem
+    (never below 16, the smallest tensor-core tile)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind of product {kind!r}; one of {KINDS}")
+    chosen = _OVERRIDES.get(kind) if _OVERRIDES else None
+    if chosen is None and _TUNED and target is not None:
+        chosen = _TUNED.get((target.name, kind, m_bucket(M), J, I))
+    if chosen is not None:
+        return _narrow(kind, chosen, M, J, I)
     if target is None:
         c = INTERPRETER
         if kind == "dequant":
@@ -174,7 +234,10 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileC
         return _C(_pow2_clamp(M, 16, c.block_m), _pow2_clamp(J, 16, c.block_j), _pow2_clamp(I, 16, c.block_i),
                   c.num_warps, c.num_stages)
     rows = TABLES[family(target)][kind]
-    c = next(cfg for max_m, cfg in rows if M <= max_m)
+    return _narrow(kind, next(cfg for max_m, cfg in rows if M <= max_m), M, J, I)
+
+
+def _narrow(kind: str, c: TileConfig, M: int, J: int, I: int) -> TileConfig:
     if kind == "dequant":
         return c
     bm = _pow2_clamp(M, 16, c.block_m)
