@@ -106,8 +106,11 @@ class PatchReport:
     patched:         names of the layers patched by this call
     skipped:         name -> reason (a ``SKIP_REASONS`` key, ": ", details)
     already_patched: names patched by an earlier call (left as they are)
-    fused_calls:     calls of this report's layers that ran the fused op
-    fallback_calls:  reason (``FALLBACK_REASONS`` key) -> calls that ran PEFT's forward
+    fused_calls:     eager calls of this report's layers that ran the fused op
+    fallback_calls:  reason (``FALLBACK_REASONS`` key) -> eager calls that ran PEFT's forward
+
+    Calls from a ``torch.compile`` graph are not counted: the decision is traced into the graph's
+    guards, and a count Dynamo traced would be a guarded constant, recompiling the graph on every call.
     """
 
     patched: List[str] = field(default_factory=list)
@@ -134,9 +137,11 @@ class PatchReport:
         return line
 
     def _fallback(self, name: str, reason: str) -> None:
+        # eager calls only (see _patched_forward); a logging call would break a torch.compile graph too
+        if torch.compiler.is_compiling():
+            return
         self.fallback_calls[reason] += 1
-        # a logging call would break a torch.compile graph; the count above is kept either way
-        if (name, reason) not in self._logged and not torch.compiler.is_compiling():
+        if (name, reason) not in self._logged:
             self._logged.add((name, reason))
             logger.debug("%s runs PEFT's forward: %s (%s)", name, reason, FALLBACK_REASONS[reason])
 
@@ -285,9 +290,14 @@ def _is_sharded(*tensors) -> bool:
 
 def _plan(layer, st, x, args, kwargs):
     """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
-    if kwargs.get("adapter_names") is not None:
-        return "adapter_names"
-    if args or any(v is not None for v in kwargs.values()) or not isinstance(x, torch.Tensor):
+    if kwargs:
+        if kwargs.get("adapter_names") is not None:
+            return "adapter_names"
+        # PEFT pops adapter_names and passes every other keyword on to the base layer, even one set
+        # to None (nn.Linear and bitsandbytes' Linear4bit then raise a TypeError): PEFT's forward decides
+        if len(kwargs) > 1 or "adapter_names" not in kwargs:
+            return "extra_arguments"
+    if args or not isinstance(x, torch.Tensor):
         return "extra_arguments"
     if layer.disable_adapters:
         return "adapters_disabled"
@@ -422,7 +432,8 @@ def _patched_forward(self, x, *args, **kwargs):
     if isinstance(plan, str):
         st.report._fallback(st.name, plan)
         return _call_prev(self, st, x, args, kwargs)
-    st.report.fused_calls += 1
+    if not torch.compiler.is_compiling():
+        st.report.fused_calls += 1
     autocast = plan.pop("autocast")
     if autocast:
         # the op's dtypes are explicit; autocast must not re-cast its inner torch.matmul

@@ -380,6 +380,25 @@ def test_fallback_mixed_batch_adapter_names():
     assert_fallback(pm, ref, report, "adapter_names", lambda m: m(x, adapter_names=names))
 
 
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_extra_keyword_set_to_none_raises_like_peft(kind):
+    """PEFT hands every keyword but adapter_names on to the base layer, None or not: ``scale=None``
+    makes the base layer raise a TypeError, and the patched layer raises the same one; a lone
+    ``adapter_names=None`` is no keyword at all to PEFT and runs fused."""
+    pm = make_model(kind)
+    ref, report = patched_pair(pm)
+    x = rand(3, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32)
+    with pytest.raises(TypeError) as theirs:
+        layer_of(ref)(x, scale=None)
+    with pytest.raises(TypeError) as mine:
+        layer_of(pm)(x, scale=None)
+    assert str(mine.value) == str(theirs.value)
+    assert report.fallback_calls["extra_arguments"] == 1 and report.fused_calls == 0, dict(report.fallback_calls)
+    y = layer_of(pm)(x, adapter_names=None)
+    assert report.fused_calls == 1
+    assert_within_rule("adapter_names=None", y, layer_of(ref)(x).double(), layer_of(ref)(x), atol=1e-2)
+
+
 def test_dora_skipped_at_patch_time_and_falls_back_per_call(caplog):
     # a model whose only adapter is DoRA: nothing to patch, a warning, PEFT's training unchanged
     pm = make_model("4bit", lora_kw=dict(use_dora=True))
