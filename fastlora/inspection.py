@@ -32,7 +32,7 @@ The formulas (per launch; all figures of a target come from ``kernels.targets.TA
     bytes         = every operand read once and the output written once (re-reads across programs
                     assumed to hit L2): A M·I·e, W J·I·e (4-bit: J·I/2 + absmax), out M·J·e
                     (twice when accumulated), LoRA factors, bias; split-K: the fp32 partials,
-                    splits·M·J·4 written by the split launch and read by the sum pass
+                    splits·M·J·4 written by the programs of a split and read back by each tile's last
     FLOPs         = 2·M·J·I (+ 2·M·J·r for the LoRA epilogue)
     tensor time   = FLOPs / (tensor peak of the compute dtype · min(1, programs / SMs)),
                     only where the SASS has tensor-core instructions (FMA work is in the issue time)
@@ -135,9 +135,7 @@ def _label(launch: _launch.Launch, c: Call, frozen, A, B) -> str:
     a = dict(zip(launch.kernel.arg_names, launch.args))
     a.update(launch.kwargs)
     w, trans = a["w_ptr"], bool(a["TRANS_W"])
-    if a["PARTIALS"]:
-        step = "split-K sum"
-    elif a["I"] == 0:
+    if a["I"] == 0:
         step = "epilogue"
     else:
         step = ""
@@ -164,7 +162,7 @@ def record_call(c: Call, target) -> List[_launch.Launch]:
     A = torch.empty(c.rank, c.K, device="meta")
     B = torch.empty(c.N, c.rank, device="meta")
     p = c.dropout if train else 0.0
-    seed = torch.empty(1, dtype=torch.int64, device="meta") if p > 0 else None
+    seed = 12345 if p > 0 else None   # an eager call's seed: drawn on the host (a device tensor only in graphs)
     wargs = ops.weight_args(w)
     # the op's own forward and backward implementations (``torch.ops.fastlora.lora_linear`` runs its
     # fake implementation on meta tensors, so its real one is called directly, as the op calls it)
@@ -334,12 +332,9 @@ def _launch_work(launch: _launch.Launch, c: Call):
         str(a["COMPUTE"]).replace("tl.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
         .replace("float16", "fp16"), torch.float32)
     out = a["out_ptr"]
-    if a.get("SPLIT_OUT"):   # split-K: each split writes its fp32 partial sums, not ``out``
-        byts = M * J * 4 * int(launch.grid[1])
-    else:
-        byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
-        if a.get("PARTIALS"):   # the sum pass reads every split's partials
-            byts += M * J * 4 * int(a["splits"])
+    byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
+    if a.get("SPLIT"):   # split-K: each split writes its fp32 partial sums; a tile's last program reads them all
+        byts += 2 * M * J * 4 * int(launch.grid[1])
     flops = 0
     decoded = 0
     if I > 0:

@@ -28,7 +28,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .format import from_bnb
-from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, lora_matmul, seed_tensor
+from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, SEED_RANGE, lora_matmul, seed_tensor
 from .kernels import configs
 from .kernels._launch import launch_target, stub_active
 from .kernels.quant4 import Packed4bit, dequantize_4bit
@@ -42,11 +42,14 @@ DEQUANT_MIN_TOKENS = 1024
 
 
 def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device, target=None) -> str:
-    """The one rule that picks a strategy for a layer call: "dequant" from the GPU family's token
+    """The static rule that picks a strategy for a layer call: "dequant" from the GPU family's token
     count in ``kernels.configs.DEQUANT_MIN_TOKENS`` (set from ``fastlora inspect``'s model; always on
     sm_75, where Triton lowers ``tl.dot`` to FMA instructions), else "fused"; DEQUANT_MIN_TOKENS here
     where no GPU target applies (the interpreter). For a dense base, "dequant" means cuBLAS on the
-    weight as it is. ``target`` (a ``kernels.targets.Target``) defaults to the device's."""
+    weight as it is. ``target`` (a ``kernels.targets.Target``) defaults to the device's.
+
+    On a CUDA device a call with strategy="auto" asks :mod:`fastlora.tuning` first, which measures
+    the strategies on the device (``FASTLORA_TUNE``); this rule is its fallback."""
     if target is None and device is not None:
         target = launch_target(device)
     threshold = DEQUANT_MIN_TOKENS if target is None else configs.DEQUANT_MIN_TOKENS[configs.family(target)]
@@ -142,8 +145,22 @@ def _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, block
                       absmax2=absmax2, code2=code2, blocksize2=blocksize2, offset=offset)
 
 
-def _resolve(strategy, M, N, K, w, device):
-    return choose_strategy(M, N, K, isinstance(w, Packed4bit), device) if strategy == "auto" else strategy
+def _resolve(strategy, M, N, K, w, device, phase=None, compute_dtype=None, dropout=None):
+    """The strategy a call runs. "auto" on a CUDA device: the pick measured on it (``tuning.pick``:
+    one dict lookup once its entry is known; ``phase`` "forward" / "backward", the compute dtype and
+    whether dropout is on make the entry precise, and are assumed where not given); elsewhere the
+    static rule."""
+    if strategy != "auto":
+        return strategy
+    if device.type != "cuda":
+        return choose_strategy(M, N, K, isinstance(w, Packed4bit), device)
+    global _tuning_pick
+    try:
+        pick = _tuning_pick
+    except NameError:   # bound at the first CUDA call: an import statement here costs ~1 µs per call
+        from .tuning import pick
+        _tuning_pick = pick
+    return pick(M, N, K, w, device, choose_strategy, phase, compute_dtype, dropout)
 
 
 def _forward_impl(
@@ -185,14 +202,6 @@ def _(x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, bl
     return x2.new_empty((M, N)), x2.new_empty((M, lora_A.shape[0]), dtype=lora_dtype)
 
 
-def _adapter_grad(g32: torch.Tensor, lora_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
-    """dA or dB, accumulated in fp32, as PEFT hands it to the parameter: computed in the 16-bit
-    lora_dtype (so rounded to it, and inf where it overflows), then in the parameter's dtype."""
-    if lora_dtype != torch.float32:
-        g32 = g32.to(lora_dtype)
-    return g32 if g32.dtype == dtype else g32.to(dtype)
-
-
 def _backward_impl(
     dy: torch.Tensor, x2: torch.Tensor, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     weight: torch.Tensor, code: Optional[torch.Tensor], absmax: Optional[torch.Tensor],
@@ -216,22 +225,26 @@ def _backward_impl(
         # G = s·dY·B: PEFT's dH, the gradient of the adapter path's input to lora_B, which it holds in
         # the adapters' (or autocast) dtype with s applied first, so a 16-bit G overflows where PEFT's does
         g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)
-        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True)
+        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                    adapter=True)
     if need_x:
         dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
         _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
                         term_first=dx.dtype == torch.float16,
                         lora_l=g, lora_r=lora_A, lora_scale=1.0,
                         dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    # dA and dB are accumulated in fp32 and stored in the parameter's dtype by the kernel; in 16-bit
+    # adapter products they are rounded to lora_dtype first (PEFT computes them there: inf where it
+    # overflows), which round_base does when there is no LoRA term
+    round_grad = lora_dtype != torch.float32
     if need_a:
-        dA32 = torch.empty((r, K), dtype=torch.float32, device=dy.device)   # s·Gᵀ·D(X)
-        lora_matmul(g.t(), x2, dA32, trans_w=True, compute_dtype=lora_dtype, out_scale=1.0, adapter=True,
+        dA = torch.empty((r, K), dtype=lora_A.dtype, device=dy.device)   # Gᵀ·D(X), s in G already
+        lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True, round_base=round_grad,
                     dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-        dA = _adapter_grad(dA32, lora_dtype, lora_A.dtype)
     if need_b:
-        dB32 = torch.empty((N, r), dtype=torch.float32, device=dy.device)   # s·dYᵀ·H
-        lora_matmul(dy.t(), h, dB32, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, adapter=True)
-        dB = _adapter_grad(dB32, lora_dtype, lora_B.dtype)
+        dB = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device)   # (s·dY)ᵀ·H
+        lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                    adapter=True, round_base=round_grad)
     return dx, dA, dB
 
 
@@ -256,26 +269,100 @@ _N_INPUTS = 20  # the forward op's arguments
 
 
 def _setup_context(ctx, inputs, output):
-    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] (lora_dtype), the dropout seed (int64 [1]
-    on the device), A, B and the frozen weight's own tensors (the module's storage; never a
-    dequantized W)."""
+    """Saves for backward: X (as given, no copy), H = D(X)·Aᵀ [M, r] (lora_dtype), the dropout seed
+    (an int drawn on the host, or an int64 [1] device tensor), A, B and the frozen weight's own
+    tensors (the module's storage; never a dequantized W)."""
     (x2, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
      bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy) = inputs
-    ctx.save_for_backward(x2, output[1], lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset)
-    ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, lora_dtype, strategy)
+    seed_t = seed if isinstance(seed, torch.Tensor) else None
+    ctx.save_for_backward(x2, output[1], lora_A, lora_B, seed_t, weight, code, absmax, absmax2, code2, offset)
+    ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, None if seed_t is not None else seed,
+               compute_dtype, lora_dtype, strategy)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, dy, dh):
+def _backward_args(ctx, dy):
     x2, h, lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset = ctx.saved_tensors
-    N, K, blocksize, blocksize2, scaling, dropout_p, compute_dtype, lora_dtype, strategy = ctx.cfg
+    N, K, blocksize, blocksize2, scaling, dropout_p, seed_int, compute_dtype, lora_dtype, strategy = ctx.cfg
     need_x, need_a, need_b = ctx.needs_input_grad[:3]
-    dx, dA, dB = _lora_linear_backward_op(
-        dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-        scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy, need_x, need_a, need_b)
+    return (dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+            scaling, dropout_p, seed if seed_int is None else seed_int, compute_dtype, lora_dtype, strategy,
+            need_x, need_a, need_b)
+
+
+def _grads(ctx, dx, dA, dB):
+    need_x, need_a, need_b = ctx.needs_input_grad[:3]
     return (dx if need_x else None, dA if need_a else None, dB if need_b else None) + (None,) * (_N_INPUTS - 3)
 
 
+def _backward(ctx, dy, dh):
+    return _grads(ctx, *_lora_linear_backward_op(*_backward_args(ctx, dy)))
+
+
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """The same op for eager calls, without ``torch.library``'s per-call Python (its argument
+    normalisation and autograd wrapper cost more host time than all of a call's launches): the
+    implementations, the saved tensors and the backward are the custom op's own. Used only where
+    nothing traces the call (see :func:`_eager_call`); torch.compile, fake tensors and CUDA-graph
+    capture go through the registered op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        # forward(ctx, ...) rather than a separate setup_context: Function.apply then binds no
+        # signature per call
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        return _grads(ctx, *_backward_impl(*_backward_args(ctx, dy)))
+
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+_FUNCTIONAL = torch._C._TorchDispatchModeKey.FUNCTIONAL
+
+
+def _eager_call(x: torch.Tensor) -> bool:
+    """Whether a call may skip the registered op: nothing traces it (no torch.compile, no fake or
+    functional mode, a plain tensor) and no CUDA graph is being captured (there the dropout seed
+    must come from the device's generator inside the graph, so each replay draws a new one)."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_FUNCTIONAL) is not None:
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def draw_seed(device) -> int:
+    """A dropout seed in [0, 2**62), drawn on the host from ``device``'s generator without a kernel
+    launch: on a GPU from its Philox generator's (seed, offset), which it advances by one draw, so
+    ``torch.manual_seed`` reproduces it and activation checkpointing (which saves and restores that
+    generator's state) recomputes the same mask; elsewhere from the CPU generator."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gen = torch.cuda.default_generators[dev.index if dev.index is not None else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)      # Philox offsets advance in multiples of 4
+        return _mix64(gen.initial_seed() ^ (offset * 0x9E3779B97F4A7C15)) % SEED_RANGE
+    if dev.type == "meta":   # shape-only runs (host-cost measurements): as cheap as the GPU's draw
+        _META_DRAWS[0] += 1
+        return _mix64(_META_DRAWS[0]) % SEED_RANGE
+    return int(torch.randint(0, SEED_RANGE, (), dtype=torch.int64))
+
+
+_META_DRAWS = [0]
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer: neighbouring (seed, offset) pairs give unrelated seeds."""
+    z &= 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
 
 def _number(value, name: str) -> float:
@@ -333,12 +420,13 @@ def _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, lora_dtype, dropout_
                              "(as PEFT's LoRA does); set requires_grad=False or use PEFT's own forward")
 
 
-def _seed_tensor(seed, device) -> torch.Tensor:
+def _user_seed(seed) -> int:
+    """A caller's seed as the kernels take it: an int64 folded into [0, 2**62)."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed must fit in int64, i.e. lie in [-2**63, 2**63), got {seed}")
-    return seed_tensor(int(seed), device)
+    return int(seed) % SEED_RANGE
 
 
 def lora_linear(
@@ -413,13 +501,21 @@ def lora_linear(
     for d in lead:
         M *= d
     x2 = x.reshape(M, K)  # a view whenever x's strides allow it; M given: reshape(-1, 0) is ambiguous
-    if dropout_p == 0.0:
-        seed_t = None
-    elif seed is None:
-        seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=x.device)
-    else:
-        seed_t = _seed_tensor(seed, x.device)
+    seed_v = None if dropout_p == 0.0 or seed is None else _user_seed(seed)
     wargs = weight_args(w)
-    y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype, lora_dtype,
-                           strategy)
+    if _eager_call(x):
+        if dropout_p != 0.0 and seed_v is None:
+            seed_v = draw_seed(x.device)
+        y, _ = LoraLinearFunction.apply(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_v, compute_dtype, lora_dtype,
+                            strategy)
+    else:
+        # traced or captured: the seed is a device tensor, drawn by a kernel inside the graph
+        if seed_v is not None:
+            seed_t = seed_tensor(seed_v, x.device)
+        elif dropout_p != 0.0:
+            seed_t = torch.randint(0, SEED_RANGE, (1,), dtype=torch.int64, device=x.device)
+        else:
+            seed_t = None
+        y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype,
+                               lora_dtype, strategy)
     return y.reshape(*lead, N)

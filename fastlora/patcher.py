@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -57,6 +58,10 @@ from .ops import FLOAT_DTYPES, lora_linear
 logger = logging.getLogger("fastlora")
 
 _STATE_ATTR = "_fastlora_patch"
+
+#: The largest |layer.scaling| the fused op takes (alpha/r is 0.1..100 in practice); beyond it PEFT's
+#: forward runs (reason ``scaling``)
+MAX_FUSED_SCALING = 2.0 ** 20
 
 #: Reasons a LoRA layer is not patched at all (``report.skipped[name]`` starts with one of these keys).
 SKIP_REASONS: Dict[str, str] = {
@@ -93,6 +98,8 @@ FALLBACK_REASONS: Dict[str, str] = {
                     "PEFT's forward runs them, the fused op would not",
     "sharded": "the weight, bias or an adapter is a sharded DTensor (FSDP2 outside its unshard): the fused op "
                "reads whole tensors only",
+    "scaling": "layer.scaling beyond ±MAX_FUSED_SCALING (where fp32 sums overflow, which ones depends on the "
+               "summation order), or not finite with several active adapters",
     "autocast_compute_dtype": "autocast is on with a dtype other than bitsandbytes' compute_dtype: "
                               "bitsandbytes then picks the dtype by batch size (its small-batch kernel "
                               "ignores autocast), which the fused op does not reproduce",
@@ -331,6 +338,12 @@ def _plan(layer, st, x, args, kwargs):
         ps.append(p)
     if len(adapters) > 1 and any(p > 0.0 for p in ps):
         return "multiple_adapters_dropout"
+    for sc in scalings:
+        # inf/NaN: the fused op gives PEFT's inf/NaN pattern (inf·0 = NaN, and a sum holding an inf
+        # is inf or NaN whatever its order); a huge finite scale overflows partial sums, and which
+        # ones depends on the summation order, which only PEFT's own path reproduces
+        if (math.isfinite(sc) and abs(sc) > MAX_FUSED_SCALING) or (len(adapters) > 1 and not math.isfinite(sc)):
+            return "scaling"
 
     base = layer.base_layer
     if _global_hooks() or _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])

@@ -161,6 +161,61 @@ def launch(kernel, grid, *args, **kwargs):
     return kernel[grid](*args, **kwargs)
 
 
+class Prepared:
+    """One launch resolved once: the kernel, its grid, its constexprs and options. Called with the
+    launch's runtime arguments (the kernel's non-constexpr parameters, in order).
+
+    The first call goes through Triton's JIT (argument specialization, compile or cache lookup) and
+    keeps the compiled kernel it returns; every later call launches that compiled kernel directly,
+    with no binder, no specialization and no cache key. That is correct only for arguments that
+    Triton would specialize the same way, so a launcher keeps one Prepared per specialization class:
+    the same dtypes, shapes and strides (integers equal to 1 or divisible by 16), and the same 16-byte
+    alignment of every pointer. Under the CPU interpreter, and while launches are recorded, every call
+    goes through :func:`launch`. The launch runs on ``device_index``'s GPU whatever device is current
+    (a device guard, only where they differ)."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "device_index", "compiled", "tail")
+
+    def __init__(self, kernel, grid, kwargs, device_index=None):
+        self.kernel = kernel
+        self.grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        self.kwargs = kwargs
+        self.device_index = device_index
+        self.compiled = None
+        self.tail = None
+
+    def __call__(self, *args):
+        ck = self.compiled
+        if ck is None or _recorder() is not None:
+            return self._through_jit(args)
+        from triton import knobs
+        from triton.runtime.driver import driver
+
+        d = driver.active
+        device = d.get_current_device()
+        if self.device_index is not None and device != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self(*args)
+        stream = d.get_current_stream(device)
+        params = args + self.tail
+        enter = knobs.runtime.launch_enter_hook
+        meta = ck.launch_metadata(self.grid, stream, *params) if enter is not None else None
+        ck.run(self.grid[0], self.grid[1], self.grid[2], stream, ck.function, ck.packed_metadata, meta,
+               enter, knobs.runtime.launch_exit_hook, *params)
+        return ck
+
+    def _through_jit(self, args):
+        if self.device_index is not None and torch.cuda.current_device() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self._through_jit(args)
+        ck = launch(self.kernel, self.grid, *args, **self.kwargs)
+        if ck is not None and hasattr(ck, "packed_metadata") and _recorder() is None:
+            names = [p.name for p in self.kernel.params]
+            self.tail = tuple(self.kwargs[n] for n in names[len(args):])
+            self.compiled = ck
+        return ck
+
+
 @contextlib.contextmanager
 def _target_caches(kernel, gpu):
     """The JIT keeps its binder (and with it the target) per device index: give ``kernel`` a set of
@@ -286,19 +341,20 @@ class _StubUtils:
 
 class _StubDriver(_TargetDriver):
     """Triton's driver for :func:`stubbed`: reports the target, loads no binary, and launches by
-    calling ``on_launch(compiled_kernel_name, grid, args)`` instead of the GPU."""
+    appending ``(compiled kernel name, grid, args)`` to the stub's list instead of the GPU."""
 
-    def __init__(self, target: Target, gpu, on_launch):
+    def __init__(self, target: Target, gpu):
         super().__init__(gpu)
         self.utils = _StubUtils(target)
-        self._on_launch = on_launch
 
     def launcher_cls(self, src, metadata):
-        name, hook = metadata.name, self._on_launch
+        name = metadata.name
 
         def run(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
                 *args):
-            hook(name, (gridX, gridY, gridZ), args)
+            # the stub in force now (a compiled kernel keeps its launcher across stubbed() blocks)
+            if _STUB is not None:
+                _STUB.launches.append((name, (gridX, gridY, gridZ), args if _STUB.keep_args else None))
 
         return run
 
@@ -335,12 +391,8 @@ def stubbed(target, keep_args: bool = False):
         raise RuntimeError("fastlora: stubbed launches need compiled kernels; TRITON_INTERPRET=1 is set")
     t = get_target(target)
     stub = _Stub(t, keep_args=keep_args)
-
-    def on_launch(name, grid, args):
-        stub.launches.append((name, grid, args if stub.keep_args else None))
-
     prev = driver._active
-    driver.set_active(_StubDriver(t, GPUTarget("cuda", t.cc, 32), on_launch))
+    driver.set_active(_StubDriver(t, GPUTarget("cuda", t.cc, 32)))
     _STUB = stub
     try:
         yield stub.launches

@@ -36,9 +36,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import triton
-
-from .targets import Target
+from .targets import TARGETS, Target
 
 
 @dataclass(frozen=True)
@@ -124,18 +122,21 @@ INTERPRETER = _C(64, 64, 64, 4, 1)
 
 
 def family(target: Target) -> str:
-    """The table a target uses: by compute capability, then by what its shared memory allows."""
+    """The table a target uses: by compute capability, then by what its shared memory allows (the
+    shared memory per block of the board each family's rows are checked on, in ``targets.TARGETS``)."""
     if target.cc < 80:
         return "sm_75"
-    if target.cc >= 90 and target.smem_per_block >= 232448:
+    if target.cc >= 90 and target.smem_per_block >= TARGETS["sm_90"].smem_per_block:
         return "sm_90"
-    if target.smem_per_block >= 166912:
+    if target.smem_per_block >= TARGETS["sm_80"].smem_per_block:
         return "sm_80"
     return "sm_8x"
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+    """The power of two at or above n, within [lo, hi] (plain Python: Triton's next_power_of_2 is a
+    ConstexprFunction, microseconds per call on the host)."""
+    return max(lo, min(hi, 1 << max(0, n - 1).bit_length()))
 
 
 def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_bytes: int = 1,
@@ -148,7 +149,7 @@ def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_b
     the first term the operand bytes of one BLOCK_I step (``step_bytes``) over the waves the grid
     takes at one resident program per SM, every SM of every wave busy for the longest program (so
     a grid that leaves SMs idle, or a last wave that is mostly empty, costs what it wastes); the
-    second the fp32 partials each extra program writes and the sum pass reads back
+    second the fp32 partials each extra program writes and the tile's last program reads back
     (``split_bytes`` per program). Ties go to the fewer splits."""
     if target is None or cfg.split <= 1:
         return 1

@@ -70,7 +70,7 @@ def _keep(seed, rows, k0, K, p, BLOCK_K: tl.constexpr):
     return tl.reshape(u, (rows.shape[0], BLOCK_K)) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _lora_matmul_kernel(
     # Aop [M, I], any strides
     a_ptr, stride_am, stride_ai,
@@ -83,15 +83,16 @@ def _lora_matmul_kernel(
     bias_ptr,
     # out [M, J]
     out_ptr, stride_om, stride_oj,
-    # split-K partial sums: fp32 [splits, M, J], contiguous
-    part_ptr, splits,
+    # split-K: fp32 partial sums [splits, M, J] (contiguous) and one int32 arrival counter per output
+    # tile (zero between launches: the last program of a tile puts it back to zero)
+    part_ptr, count_ptr,
     M, J, I, rank,
-    out_scale, lora_scale, seed_ptr, p, keep_scale,
+    out_scale, lora_scale, seed_ptr, seed_lo, seed_hi, p, keep_scale,
     TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
     ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr,
-    SPLIT_OUT: tl.constexpr, PARTIALS: tl.constexpr, MAIN: tl.constexpr,
+    SPLIT: tl.constexpr, MAIN: tl.constexpr, SCALE_A: tl.constexpr, SEED_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -115,7 +116,10 @@ def _lora_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     seed = 0
     if DROPOUT != 0:
-        seed = tl.load(seed_ptr)
+        if SEED_PTR:
+            seed = tl.load(seed_ptr)                                      # drawn on the device
+        else:
+            seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)    # drawn on the host
     if FAST_4BIT:
         pairs = pair_table(code_ptr)                                      # [256] int64, in registers
 
@@ -135,7 +139,12 @@ def _lora_matmul_kernel(
                         mask=a_mask, other=0.0)                               # [BLOCK_M, BLOCK_I]
             if DROPOUT == 1:
                 keep = _keep(seed, offs_m, i0, I, p, BLOCK_I)
-                a = tl.where(keep, a.to(tl.float32) * keep_scale, 0.0)
+                # a product with the mask's 0 or 1/(1-p), as torch's dropout computes it (inf·0 = NaN)
+                a = a.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
+            if SCALE_A:
+                # s·dY rounded to COMPUTE before the product, as PEFT's backward forms it (so a
+                # non-finite s gives PEFT's inf/NaN pattern); padding stays 0, not 0·s
+                a = tl.where(a_mask, a.to(COMPUTE).to(tl.float32) * out_scale, 0.0)
             a = a.to(COMPUTE)
             # T tile [BLOCK_I, BLOCK_J] as (n, k) indices of W
             if TRANS_W:
@@ -161,7 +170,7 @@ def _lora_matmul_kernel(
                 t = tl.load(w_ptr + n_idx * stride_wn + k_idx * stride_wk, mask=t_mask, other=0.0)
                 if DROPOUT == 2:
                     keep = _keep(seed, offs_i, pid_j * BLOCK_J, Kw, p, BLOCK_J)
-                    t = tl.where(keep, t.to(tl.float32) * keep_scale, 0.0)
+                    t = t.to(tl.float32) * tl.where(keep, keep_scale, 0.0)
             t = t.to(COMPUTE)
             if COMPUTE == tl.float32:
                 acc = tl.dot(a, t, acc, input_precision="ieee")
@@ -172,16 +181,30 @@ def _lora_matmul_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    if SPLIT_OUT:
-        # split-K: this program's partial sum, unscaled, to slice s of the fp32 partials; the
-        # PARTIALS pass (I = 0) adds the slices up and runs the epilogue once
-        part_ptrs = part_ptr + tl.program_id(1).to(tl.int64) * M * J + offs_m[:, None] * J + offs_j[None, :]
-        tl.store(part_ptrs, acc, mask=mask_m[:, None] & mask_j[None, :])
-    else:
-        if PARTIALS:
+    if SCALE_A:
+        out_scale = 1.0                      # applied to the A operand already
+    if SPLIT:
+        # split-K: each program stores its partial sum to slice s of the fp32 partials and counts
+        # itself in at the tile's counter; the program that arrives last adds the slices in the
+        # fixed order s = 0, 1, ... (the same sum whatever the arrival order: deterministic), runs
+        # the epilogue and puts the counter back to zero for the next launch
+        splits = tl.num_programs(1)
+        slice_elems = (tl.program_id(1).to(tl.int64) * 0 + M) * J          # int64: M·J·splits may pass 2³¹
+        tile_mask = mask_m[:, None] & mask_j[None, :]
+        tile_ptrs = part_ptr + offs_m[:, None] * J + offs_j[None, :]
+        tl.store(tile_ptrs + tl.program_id(1) * slice_elems, acc, mask=tile_mask)
+        tl.debug_barrier()                   # every thread's partial stored before the tile counts in
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
             for s in range(0, splits):
-                acc += tl.load(part_ptr + s * M * J + offs_m[:, None] * J + offs_j[None, :],
-                               mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                acc += tl.load(tile_ptrs + s * slice_elems, mask=tile_mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid, 0)
+            _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr,
+                      stride_rr, stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale,
+                      seed, p, keep_scale, HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE,
+                      BLOCK_M, BLOCK_J, BLOCK_R)
+    else:
         _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
                   bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
                   HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, BLOCK_M, BLOCK_J, BLOCK_R)
@@ -220,7 +243,7 @@ def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_
         term = term * lora_scale
         if DROPOUT == 3:
             keep = _keep(seed, offs_m, j0, J, p, BLOCK_J)
-            term = tl.where(keep, term * keep_scale, 0.0)
+            term = term * tl.where(keep, keep_scale, 0.0)   # dropout's backward: a product (NaN stays NaN)
         acc += term
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :] * stride_oj
     out_mask = mask_m[:, None] & mask_j[None, :]
@@ -232,6 +255,24 @@ def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_
 # ----------------------------------------------------------------------------------------------
 # block-size policy: the tables of configs.py
 # ----------------------------------------------------------------------------------------------
+
+# row-blocks of the output that take their column-blocks in turn, so that a column-block of W is
+# read by GROUP_M programs while it is in L2 (Triton's matmul tutorial's grouped ordering)
+GROUP_M = 8
+# the epilogue walks the rank in chunks of 16..32 (the smallest tensor-core K, and a bound on the
+# epilogue's registers whatever r is: r = 256 works too)
+RANK_CHUNK_MIN, RANK_CHUNK_MAX = 16, 32
+# 4-bit tiles with at most this many rows put W first in the MMA: W's tile is the big one, and the
+# MMA's first operand must have at least 64 (wgmma) / 16 (mma.sync) rows
+SWAP_AB_MAX_M = 32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool = True,
@@ -247,14 +288,135 @@ def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool
 
 
 # ----------------------------------------------------------------------------------------------
-# launcher
+# launch plans: what a call resolves once and then only looks up
 # ----------------------------------------------------------------------------------------------
 
 
-def _strides2(t: torch.Tensor, what: str):
-    if t.dim() != 2:
-        raise ValueError(f"{what} must be 2-D, got shape {tuple(t.shape)}")
-    return t.stride(0), t.stride(1)
+class _Plan:
+    """Everything about one product that depends only on its specialization class (see
+    :func:`_plan_key`): the configuration, the split count, the grid, the constexprs, the launch."""
+
+    __slots__ = ("launch", "cfg", "splits", "tiles", "consts", "part_shape")
+
+
+_PLANS: dict = {}
+# int32 split-K arrival counters per (device, stream): zero between launches
+_COUNTERS: dict = {}
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    """What of a tensor argument decides Triton's specialization (and so the compiled kernel):
+    dtype, shape, strides (integers equal to 1 or divisible by 16) and 16-byte alignment."""
+    return (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0)
+
+
+def _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config):
+    if isinstance(w, Packed4bit):
+        wkey = (w.N, w.K, w.blocksize, w.blocksize2, w.nested, w.absmax.dtype,
+                tuple(t.data_ptr() % 16 == 0 for t in kernel_args(w)))
+    else:
+        wkey = _sig(w)
+    return (flags, target, configs.generation(), config, a.device, _sig(a), wkey, _sig(out),
+            None if lora_l is None else (_sig(lora_l), _sig(lora_r)),
+            None if bias is None else _sig(bias), isinstance(seed, torch.Tensor))
+
+
+def _validate(a, w, out, lora_l, lora_r, compute_dtype, dropout, seed, trans_w):
+    """The shapes, dtypes and devices of a call; raises ValueError / TypeError naming what is wrong.
+    Returns (M, J, I, Nw, Kw, rank)."""
+    if a.dim() != 2 or out.dim() != 2:
+        raise ValueError(f"a and out must be 2-D, got {tuple(a.shape)} and {tuple(out.shape)}")
+    if compute_dtype not in _TL_DTYPES:
+        raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+    M, I = a.shape
+    if isinstance(w, Packed4bit):
+        Nw, Kw = w.N, w.K
+        check_device(w, a, out, lora_l, lora_r, what="an input of the fused LoRA op")
+    else:
+        if w.dim() != 2:
+            raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
+        Nw, Kw = w.shape
+        _launch.require_runnable(a.device, "the input")
+    J = Nw if not trans_w else Kw
+    if (Kw if not trans_w else Nw) != I:
+        raise ValueError(f"inner dimensions differ: a is [{M}, {I}] but W is [{Nw}, {Kw}] (trans_w={trans_w})")
+    if tuple(out.shape) != (M, J):
+        raise ValueError(f"out must be [{M}, {J}], got {tuple(out.shape)}")
+    rank = lora_l.shape[1] if lora_l is not None else 0
+    if lora_l is not None and (tuple(lora_l.shape) != (M, rank) or tuple(lora_r.shape) != (rank, J)):
+        raise ValueError(f"LoRA factors must be [{M}, r] and [r, {J}], got {tuple(lora_l.shape)}, {tuple(lora_r.shape)}")
+    if dropout == DROP_W and not trans_w:
+        raise ValueError("dropout on W (DROP_W) indexes W as X [M, K] with trans_w=True (dA = s·Gᵀ·D(X))")
+    if dropout != DROP_NONE:
+        if isinstance(seed, torch.Tensor):
+            if seed.numel() != 1 or seed.device != a.device or seed.dtype != torch.int64:
+                raise ValueError("dropout's seed tensor must be a one-element int64 tensor on the input's device")
+        elif not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+            raise ValueError(f"dropout needs its seed: an int in [0, 2**62) or a one-element int64 device tensor, "
+                             f"got {seed!r}")
+    return M, J, I, Nw, Kw, rank
+
+
+def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config):
+    """The tile configuration and split count of one product (configs' table, or ``config``)."""
+    cfg = configs.select(kind, M, J, I, target) if config is None else config
+    BM, BJ, BI = cfg.block_m, cfg.block_j, cfg.block_i
+    tiles = _cdiv(M, BM) * _cdiv(J, BJ)
+    if skip_main:
+        return cfg, 1, tiles
+    # bytes one BLOCK_I step reads (the a tile and W's tile: half a byte per 4-bit weight), and what
+    # one more program of a split writes to the fp32 partials and its last program reads back
+    step_bytes = int(min(BM, M) * BI * a_elt + BI * min(BJ, J) * w_elt)
+    splits = configs.splits(cfg, tiles, I, target, step_bytes, 2 * min(BM, M) * min(BJ, J) * 4)
+    return cfg, splits, tiles
+
+
+def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumulate, dropout, skip_main,
+                round_base, adapter, scale_a, target, config, M, J, I, Nw, Kw, rank) -> _Plan:
+    is_4bit = isinstance(w, Packed4bit)
+    wide = is_4bit and wide_decode_ok(w)
+    kind = _kind(is_4bit, skip_main, compute_dtype, wide, adapter)
+    cfg, splits, tiles = _configure(kind, M, J, I, target, is_4bit, 0.5 if is_4bit else w.element_size(),
+                                    a.element_size(), skip_main, config)
+    BM = cfg.block_m
+    consts = dict(
+        TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=is_4bit and w.nested,
+        BLOCKSIZE=w.blocksize if is_4bit else 64, BLOCKSIZE2=w.blocksize2 if is_4bit else 256,
+        HAS_LORA=lora_l is not None, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
+        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype],
+        FAST_4BIT=wide and not skip_main,
+        SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= SWAP_AB_MAX_M,
+        SPLIT=splits > 1, MAIN=not skip_main, SCALE_A=scale_a, SEED_PTR=isinstance(seed, torch.Tensor),
+        BLOCK_M=BM, BLOCK_J=cfg.block_j, BLOCK_I=cfg.block_i,
+        BLOCK_R=max(RANK_CHUNK_MIN, min(RANK_CHUNK_MAX, _pow2(rank))), GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+    )
+    plan = _Plan()
+    plan.cfg, plan.splits, plan.tiles, plan.consts = cfg, splits, tiles, consts
+    plan.part_shape = (splits, M, J) if splits > 1 else None
+    plan.launch = _launch.Prepared(_lora_matmul_kernel, (tiles, splits), consts,
+                                   a.device.index if a.device.type == "cuda" else None)
+    return plan
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 split-K counters for launches on ``device``'s current stream (kernels on
+    one stream run in order, so the launches of a stream share them; another stream gets its own)."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+# host-drawn dropout seeds lie in [0, 2**62): two non-negative 31-bit halves, so the kernel's seed
+# arguments are always Triton i32 (a value past 2**31 would change the compiled signature)
+SEED_RANGE = 1 << 62
 
 
 def lora_matmul(
@@ -272,10 +434,12 @@ def lora_matmul(
     accumulate: bool = False,
     dropout: int = DROP_NONE,
     dropout_p: float = 0.0,
-    seed: Optional[torch.Tensor] = None,
+    seed=None,
     skip_main: bool = False,
     round_base: bool = False,
     adapter: bool = False,
+    scale_a: bool = False,
+    config: Optional[configs.TileConfig] = None,
 ) -> torch.Tensor:
     """out[M, J] = out_scale · a[M, I] · T[I, J]  (+ lora_scale · lora_l[M, r] · lora_r[r, J], + bias[J],
     + out if accumulate), T = Wᵀ (trans_w False) or W (trans_w True).
@@ -286,136 +450,104 @@ def lora_matmul(
     lora_l: [M, r] (H or G), lora_r: [r, J] (a strided view of Bᵀ or A), any float dtype; the term
             is computed in lora_l's dtype (16-bit: tensor cores, lora_r cast to it; fp32: IEEE)
     dropout: DROP_* selects where the keep-mask of X [M', K'] applies (see the module docstring)
-    seed:   int64 [1] on the device (required when dropout != DROP_NONE)
+    seed:   the dropout seed (required when dropout != DROP_NONE): an int in [0, 2**62) drawn on the
+            host, or an int64 [1] tensor on the device (drawn by a kernel: CUDA-graph capture)
     skip_main: run only the epilogue (the frozen product is already in ``out``)
-    round_base: round out_scale·a·T + bias to compute_dtype before the LoRA term is added
+    round_base: round out_scale·a·T + bias to compute_dtype before the LoRA term is added (with no
+            LoRA term: the result is rounded to compute_dtype before it is stored in out's dtype)
     adapter: the product is one of the adapter products (H, G, dA, dB: one dimension is the rank),
             which has its own tiles when 16-bit
+    scale_a: apply out_scale to a (rounded to compute_dtype, then the product), as PEFT's backward
+            scales dY before lora_B's, instead of to the product
+    config: a tile configuration instead of the table's (the tuner's candidates)
+
+    The first call of a specialization class (dtypes, shapes, strides, alignment, flags, target)
+    validates it and resolves its plan; later calls look the plan up and launch.
     """
-    if a.dim() != 2 or out.dim() != 2:
-        raise ValueError(f"a and out must be 2-D, got {tuple(a.shape)} and {tuple(out.shape)}")
-    if compute_dtype not in _TL_DTYPES:
-        raise TypeError(f"compute dtype must be float16, bfloat16 or float32, got {compute_dtype}")
+    target = _launch.launch_target(a.device)
+    flags = (trans_w, compute_dtype, accumulate, dropout, skip_main, round_base, adapter, scale_a)
+    key = _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        M, J, I, Nw, Kw, rank = _validate(a, w, out, lora_l, lora_r, compute_dtype, dropout, seed, trans_w)
+        if M == 0 or J == 0:
+            return out
+        _interpreter.ensure()
+        plan = _PLANS[key] = _build_plan(
+            a, w, out, lora_l, bias, seed, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=accumulate,
+            dropout=dropout, skip_main=skip_main, round_base=round_base, adapter=adapter, scale_a=scale_a,
+            target=target, config=config, M=M, J=J, I=I, Nw=Nw, Kw=Kw, rank=rank)
     M, I = a.shape
-    is_4bit = isinstance(w, Packed4bit)
-    if is_4bit:
-        Nw, Kw = w.N, w.K
-        check_device(w, a, out, lora_l, lora_r, bias, what="an input of the fused LoRA op")
-        wargs = kernel_args(w)
-        stride_wn, stride_wk = Kw, 1
-        blocksize, blocksize2, nested = w.blocksize, w.blocksize2, w.nested
-    else:
-        Nw, Kw = w.shape
-        stride_wn, stride_wk = _strides2(w, "w")
-        wargs = (w,) * 6  # the decode pointers go unread: IS_4BIT is off
-        blocksize, blocksize2, nested = 64, 256, False
-        _launch.require_runnable(a.device, "the input")
-    J = Nw if not trans_w else Kw
-    if (Kw if not trans_w else Nw) != I:
-        raise ValueError(f"inner dimensions differ: a is [{M}, {I}] but W is [{Nw}, {Kw}] (trans_w={trans_w})")
-    if tuple(out.shape) != (M, J):
-        raise ValueError(f"out must be [{M}, {J}], got {tuple(out.shape)}")
-    has_lora = lora_l is not None
-    rank = lora_l.shape[1] if has_lora else 0
-    if has_lora and (tuple(lora_l.shape) != (M, rank) or tuple(lora_r.shape) != (rank, J)):
-        raise ValueError(f"LoRA factors must be [{M}, r] and [r, {J}], got {tuple(lora_l.shape)}, {tuple(lora_r.shape)}")
-    if dropout == DROP_W and not trans_w:
-        raise ValueError("dropout on W (DROP_W) indexes W as X [M, K] with trans_w=True (dA = s·Gᵀ·D(X))")
-    if dropout != DROP_NONE and (seed is None or seed.numel() != 1 or seed.device != a.device):
-        raise ValueError("dropout needs its seed as a one-element int64 tensor on the input's device")
+    J = out.shape[1]
     if M == 0 or J == 0:
         return out
-    _interpreter.ensure()
-
-    target = _launch.launch_target(a.device)
-    kind = _kind(is_4bit, skip_main, compute_dtype, is_4bit and wide_decode_ok(w), adapter)
-    cfg = configs.select(kind, M, J, I, target)
-    BM, BJ, BI, warps, stages = cfg.as_tuple()
-    # the wide decode where the layout allows it; the MMA with W as its first operand for the small-M
-    # 4-bit tiles (W's tile is the big one)
-    main = dict(FAST_4BIT=is_4bit and not skip_main and wide_decode_ok(w),
-                SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= 32)
-    no_main = dict(FAST_4BIT=False, SWAP_AB=False, MAIN=False)
-    main["MAIN"] = not skip_main
-    # rank chunks of at most 32: bounds the epilogue's registers whatever r is (r = 256 works too)
-    BR = configs._pow2_clamp(rank, 16, 32)
-    tiles = triton.cdiv(M, BM) * triton.cdiv(J, BJ)
-    # bytes one BLOCK_I step reads (the a tile and W's tile: half a byte per 4-bit weight), and what
-    # one more program of a split writes to the fp32 partials and the sum pass reads back
-    w_elt = 0.5 if is_4bit else w.element_size()
-    step_bytes = int(min(BM, M) * BI * a.element_size() + BI * min(BJ, J) * w_elt)
-    splits = 1 if skip_main else configs.splits(cfg, tiles, I, target, step_bytes, 2 * min(BM, M) * min(BJ, J) * 4)
-    l_ = lora_l if has_lora else out
-    r_ = lora_r if has_lora else out
+    if isinstance(w, Packed4bit):
+        wargs = kernel_args(w)
+        Kw, swn, swk = w.K, w.K, 1
+    else:
+        wargs = (w,) * 6  # the decode pointers go unread: IS_4BIT is off
+        Kw = w.shape[1]
+        swn, swk = w.stride()
+    if plan.part_shape is not None:
+        part = torch.empty(plan.part_shape, dtype=torch.float32, device=out.device)
+        counts = _counters(out.device, plan.tiles)
+    else:
+        part = counts = out
+    if lora_l is None:
+        l_ = r_ = out
+        rank = 0
+    else:
+        l_, r_, rank = lora_l, lora_r, lora_l.shape[1]
+    if isinstance(seed, torch.Tensor) or seed is None:
+        seed_t, lo, hi = (seed if seed is not None else out), 0, 0
+    else:
+        seed_t, lo, hi = out, seed & 0x7FFFFFFF, seed >> 31
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
-    seed_ = seed if seed is not None else out
-    common = (
+    plan.launch(
         a, a.stride(0), a.stride(1),
-        *wargs, stride_wn, stride_wk, Kw,
+        *wargs, swn, swk, Kw,
         l_, l_.stride(0), l_.stride(1),
         r_, r_.stride(0), r_.stride(1),
         bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
-    )
-    scalars = (float(out_scale), float(lora_scale), seed_, float(dropout_p), float(keep_scale))
-    shape = dict(TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=nested, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2,
-                 COMPUTE=_TL_DTYPES[compute_dtype], GROUP_M=8, enable_fp_fusion=False)
-    epilogue = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, ACC_OUT=accumulate, ROUND_BASE=round_base)
-    if splits == 1:
-        _launch.launch(
-            _lora_matmul_kernel, (tiles, 1),
-            *common, out, 1, M, J, 0 if skip_main else I, rank, *scalars,
-            **shape, **epilogue, **main, DROPOUT=dropout, SPLIT_OUT=False, PARTIALS=False,
-            BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
-        )
-        return out
-    # split-K: `splits` programs per output tile write fp32 partial sums [splits, M, J] (the main
-    # loop's dropout only; no epilogue), then one pass adds them up and runs the epilogue
-    part = torch.empty((splits, M, J), dtype=torch.float32, device=out.device)
-    _launch.launch(
-        _lora_matmul_kernel, (tiles, splits),
-        *common, part, splits, M, J, I, rank, *scalars,
-        **shape, **main, HAS_LORA=False, HAS_BIAS=False, ACC_OUT=False, ROUND_BASE=False,
-        DROPOUT=dropout if dropout in (DROP_AOP, DROP_W) else DROP_NONE, SPLIT_OUT=True, PARTIALS=False,
-        BLOCK_M=BM, BLOCK_J=BJ, BLOCK_I=BI, BLOCK_R=BR, num_warps=warps, num_stages=stages,
-    )
-    ecfg = configs.select("epilogue", M, J, 0, target)
-    etiles = triton.cdiv(M, ecfg.block_m) * triton.cdiv(J, ecfg.block_j)
-    _launch.launch(
-        _lora_matmul_kernel, (etiles, 1),
-        *common, part, splits, M, J, 0, rank, *scalars,
-        **shape, **epilogue, **no_main, DROPOUT=dropout if dropout == DROP_EPILOGUE else DROP_NONE,
-        SPLIT_OUT=False, PARTIALS=True,
-        BLOCK_M=ecfg.block_m, BLOCK_J=ecfg.block_j, BLOCK_I=ecfg.block_i, BLOCK_R=BR,
-        num_warps=ecfg.num_warps, num_stages=ecfg.num_stages,
+        part, counts,
+        M, J, 0 if skip_main else I, rank,
+        float(out_scale), float(lora_scale), seed_t, lo, hi, float(dropout_p), keep_scale,
     )
     return out
 
 
-@triton.jit
-def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _keep_mask_kernel(out_ptr, M, K, seed_ptr, seed_lo, seed_hi, p, SEED_PTR: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
-    keep = _keep(tl.load(seed_ptr), rows, k0, K, p, BLOCK_K)
+    if SEED_PTR:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+    keep = _keep(seed, rows, k0, K, p, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 def seed_tensor(seed: int, device) -> torch.Tensor:
-    """A dropout seed as the kernels take it: int64 [1] on ``device``."""
+    """A dropout seed as a device tensor: int64 [1] on ``device``."""
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
-    """The bool keep-mask [M, K] the kernels apply for (seed, p); ``seed`` an int or the op's seed
-    tensor. For tests and debugging only: the fused op never materializes it."""
+    """The bool keep-mask [M, K] the kernels apply for (seed, p); ``seed`` an int in [0, 2**62) or
+    a seed tensor. For tests and debugging only: the fused op never materializes it."""
     _interpreter.ensure()
-    if not isinstance(seed, torch.Tensor):
-        seed = seed_tensor(seed, device)
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M * K:
         BM, BK = 16, 64
-        _launch.launch(_keep_mask_kernel, (triton.cdiv(M, BM), triton.cdiv(K, BK)), out, M, K, seed, float(p),
-                       BLOCK_M=BM, BLOCK_K=BK)
+        if isinstance(seed, torch.Tensor):
+            args = (seed, 0, 0)
+        else:
+            args = (out, int(seed) & 0x7FFFFFFF, int(seed) >> 31)
+        _launch.launch(_keep_mask_kernel, (_cdiv(M, BM), _cdiv(K, BK)), out, M, K, *args, float(p),
+                       SEED_PTR=isinstance(seed, torch.Tensor), BLOCK_M=BM, BLOCK_K=BK)
     return out.bool()

@@ -255,7 +255,7 @@ def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Opt
     # elements per program from the table (4096: 2 KiB of packed bytes read as one run)
     cfg = configs.select("dequant", q.N, q.K, 1, _launch.launch_target(q.device))
     BLOCK = cfg.block_j
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (-(-numel // BLOCK),)
     _launch.launch(
         _dequant_4bit_kernel, grid,
         *kernel_args(q), out, numel, (numel + 1) // 2,

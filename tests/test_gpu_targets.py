@@ -405,9 +405,11 @@ def test_inspect_command_text_and_json(tmp_path):
     assert "not measurements" in rep["note"]
     labels = {r["call"]["strategy"]: [L["label"] for L in r["launches"]] for r in data["reports"]}
     # inference at M = 16 on a 4090: H split over K (one 16x16 tile alone would leave 127 SMs idle),
-    # then Y split over K likewise
-    assert labels["fused"] == ["H", "H split-K sum", "Y", "Y split-K sum"], labels
-    assert labels["dequant"] == ["H", "H split-K sum", "dequant W", "Y epilogue"], labels
+    # then Y split over K likewise; each tile's last program adds the splits up, in the same launch
+    assert labels["fused"] == ["H", "Y"], labels
+    assert labels["dequant"] == ["H", "dequant W", "Y epilogue"], labels
+    splits = {r["call"]["strategy"]: [L["grid"][1] for L in r["launches"]] for r in data["reports"]}
+    assert splits["fused"][0] > 1 and splits["fused"][1] > 1, splits
     for L in rep["launches"]:
         assert {"shared", "registers", "stack", "mma", "ldg_widths", "loop_found"} <= set(L["facts"])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import bitsandbytes as bnb
 import pytest
@@ -263,7 +264,7 @@ def test_dropout_uses_kernel_mask_in_training_only():
     x = rand(2, 5, K_IN)
     pm.train(), ref.train()
     torch.manual_seed(77)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=DEVICE)  # what lora_linear draws
+    seed = fastlora.ops.draw_seed(DEVICE)  # what lora_linear draws, without a kernel launch
     mask = dropout_keep_mask(10, K_IN, p, seed, DEVICE)
     torch.manual_seed(77)
     y = pm(x)
@@ -802,3 +803,56 @@ def test_fallback_bf16_below_sm80(kind):
         assert_fallback(pm, ref, report, "device_dtype", lambda m: m(x))
     pm(x)
     assert report.fused_calls == 1, "on a bf16-capable target the same call runs fused"
+
+
+@pytest.mark.parametrize("scaling", [float("inf"), 1e38])
+@pytest.mark.parametrize("kind,x_dtype", [("4bit", torch.float32), ("4bit", torch.bfloat16), ("dense", torch.bfloat16)])
+def test_huge_scaling_nonfinite_like_peft(kind, x_dtype, scaling):
+    """A non-finite or huge ``layer.scaling``: Y, dX, dA and dB are inf and NaN exactly where PEFT's
+    are. PEFT scales dY before lora_B's backward (s·dY: 0·inf is NaN, a big dY·1e38 overflows), so
+    the kernel scales its dY operand, not the product; dropout's backward is a product with the mask
+    as in torch (NaN·0 stays NaN); a single zero in a row of dY shows the difference."""
+    pm = make_model(kind, dropout=0.1)
+    layer = layer_of(pm)
+    layer.scaling["default"] = scaling
+    ref, report = patched_pair(pm)
+    pm.train(), ref.train()
+    x = rand(4, K_IN, dtype=x_dtype)
+    dy = rand(4, N_OUT, dtype=x_dtype) * 4.0
+    dy[1] = 0.0
+    dy[2, 0] = 0.0   # s·dY is NaN there in PEFT (0·inf), where s·(dY·B) would be ±inf
+    torch.manual_seed(3)
+    seed = fastlora.ops.draw_seed(DEVICE)
+    mask = dropout_keep_mask(4, K_IN, 0.1, seed, DEVICE)
+    if not math.isfinite(scaling):
+        # PEFT with the kernel's mask in place of its own dropout (the masks must match to compare NaNs);
+        # where the patched layer falls back, both draw torch's dropout mask from the same generator state
+        layer_of(ref).lora_dropout["default"] = _FixedMask(mask, 0.1)
+    torch.manual_seed(3)
+    y, dx, g = run(pm, x, dy, ["default"])
+    torch.manual_seed(3)
+    y_ref, dx_ref, g_ref = run(ref, x, dy, ["default"])
+    if math.isfinite(scaling):
+        # beyond MAX_FUSED_SCALING: PEFT's own forward (its overflows depend on its summation order)
+        assert report.fallback_calls == {"scaling": 1} and report.fused_calls == 0, dict(report.fallback_calls)
+    else:
+        assert report.fused_calls == 1 and not report.fallback_calls, (report.fused_calls, dict(report.fallback_calls))
+    pairs = (("Y", y, y_ref), ("dX", dx, dx_ref), ("dA", g["default"][0], g_ref["default"][0]),
+             ("dB", g["default"][1], g_ref["default"][1]))
+    assert any(not torch.isfinite(t).all() for _, _, t in pairs), "PEFT is finite everywhere: the case tests nothing"
+    for name, mine, theirs in pairs:
+        for what, f in (("inf", torch.isposinf), ("-inf", torch.isneginf), ("nan", torch.isnan)):
+            assert torch.equal(f(mine), f(theirs)), (
+                f"{kind} {x_dtype} s={scaling}: {name} {what} at {f(mine).nonzero().tolist()[:6]}, "
+                f"PEFT's at {f(theirs).nonzero().tolist()[:6]}")
+
+
+class _FixedMask(nn.Module):
+    """Dropout with a given keep-mask (kept values scaled by 1/(1-p)), as torch computes it: a product."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x):
+        return x * (self.mask.reshape(x.shape).to(x.dtype) / (1.0 - self.p))
