@@ -1,12 +1,16 @@
-"""Command line: ``python -m benchmarks {layer,train,report,all} [options]`` (from the repo root).
+"""Command line: ``python -m benchmarks {layer,train,host,report,all} [options]`` (from the repo root).
 
     python -m benchmarks all --out benchmarks/results/<device-slug> --budget-seconds 450
     python -m benchmarks layer --family llama3-8b --m 512,2048,8192 --r 16 --dropout 0.05
     python -m benchmarks train --model llama-1b
+    python -m benchmarks host --m 1,16 --target sm_89
     python -m benchmarks layer --smoke --out /tmp/b && python -m benchmarks report /tmp/b
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 is set here,
-before triton is imported); such runs are marked ``performance_claim: false``.
+before triton is imported); such runs are marked ``performance_claim: false``. ``host`` is the
+exception: it launches nothing and needs the kernels compiled for a GPU target, so it never sets the
+variable, and where it finds it set (a process that imported this module for another command, the
+test suite) it runs itself in a child process without it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():
+HOST = "host"
+
+if not torch.cuda.is_available() and sys.argv[1:2] != [HOST]:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import harness  # noqa: E402
@@ -37,12 +43,14 @@ def _default_out(args, device) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench_layer, bench_train, report
+    from . import bench_host, bench_layer, bench_train, report
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     bench_layer.add_arguments(sub.add_parser("layer", help="one LoRA projection, every provider"))
     bench_train.add_arguments(sub.add_parser("train", help="QLoRA training steps, patched vs unpatched"))
+    bench_host.add_arguments(sub.add_parser(HOST, help="host µs and GPU kernel launches per layer call, "
+                                                        "fastlora vs PEFT (kernels not run)"))
     report.add_arguments(sub.add_parser("report", help="results.md and PNG plots from JSONL records"))
     a = sub.add_parser("all", help="layer (default GPU subset) + train + report into one folder")
     a.add_argument("--smoke", action="store_true")
@@ -73,8 +81,21 @@ def _all(args, device) -> int:
     return 0
 
 
+def _host_in_child(argv) -> int:
+    """``python -m benchmarks host ...`` in a child process without TRITON_INTERPRET (this process's
+    kernels were decorated for the interpreter)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "benchmarks", *argv], cwd=harness.REPO_ROOT, env=env).returncode
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # fastlora.kernels._interpreter.interpreter_active's rule, read without importing triton
+    if args.cmd == HOST and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return _host_in_child(argv)
     if args.cmd == "report":
         from . import report
 
@@ -85,11 +106,11 @@ def main(argv=None) -> int:
     if args.cmd == "all":
         rc = _all(args, device)
     else:
-        from . import bench_layer, bench_train
+        from . import bench_host, bench_layer, bench_train
 
         args.out = str(_default_out(args, device))
         harness.log(f"records -> {args.out}")
-        mod = bench_layer if args.cmd == "layer" else bench_train
+        mod = {"layer": bench_layer, "train": bench_train, HOST: bench_host}[args.cmd]
         print(mod.run(args, device))
         rc = 0
     harness.log(f"done in {time.monotonic() - t0:.1f} s")

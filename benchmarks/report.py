@@ -9,6 +9,11 @@ ratio to ``bf16-floor`` (t_fastlora / t_floor, 1.0 = as fast as the bare bf16 GE
 speed-up of ``fastlora-patched`` (the PEFT layer after ``fastlora.patch``) over ``peft``. When a
 configuration was measured more than once the latest record wins. Records from runs that may not
 back a performance statement (CPU, Triton interpreter, smoke) are reported under a warning.
+
+Host tables (``python -m benchmarks host``): per layer shape, target and adapters, one row per M and
+mode with fastlora's and PEFT's host µs per call (min / median), the ratio fastlora / PEFT of each,
+and the GPU kernel launches per call of both; on a GPU a second table adds the real eager step and
+the GPU's own time.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def _ratio(a, b):
 
 # config entries that describe how a run went, not what was measured: records differing only in them
 # measure the same thing
-_RUN_KEYS = ("timing", "order", "position", "order_seed", "initial_adapters_sha256", "patch_report")
+_RUN_KEYS = ("timing", "order", "position", "order_seed", "initial_adapters_sha256", "patch_report", "reps", "warmup")
 
 
 def _latest(records):
@@ -163,6 +168,49 @@ def _memory_markdown(groups):
                 cells.append(_fmt(None if b is None else b / 2**20, ".0f"))
             lines.append(f"| {dev} | {fam} | {proj} | {K}→{N} | {r} | {p:g} | {M} | " + " | ".join(cells) + " |")
     lines.append("")
+    return lines
+
+
+def _host_markdown(records):
+    """fastlora vs PEFT per (M, mode): host µs per call, their ratio, launches (GPU: eager step, GPU µs)."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if r.get("bench") != "host" or r.get("status") != "ok":
+            continue
+        c = r["config"]
+        key = (r["device_name"], c["measured_on"], c["target"], c["N"], c["K"], c["r"], c["dropout"], c["adapters"])
+        groups[key][(c["M"], c["mode"])][c["provider"]] = r["metrics"]
+    lines = []
+    modes = ("train_step", "forward")
+    for key in sorted(groups):
+        dev, on, target, N, K, r, p, ad = key
+        cuda = on == "cuda"
+        what = ("real CUDA tensors, kernels run" if cuda else
+                f"meta tensors; fastlora's Triton launches compiled for {target}, the driver's launch stubbed")
+        lines += [f"### Host cost per layer call, {N}×{K} NF4 (double quant), r = {r}, dropout {p:g}, adapters {ad} "
+                  f"— {dev}", "", f"{what}. µs per call, min / median; ratio = fastlora / PEFT (below 1: fastlora "
+                  "costs the host less).", ""]
+        head = "| M | mode | fastlora host µs | PEFT host µs | ratio min / median | "
+        head += ("fastlora eager step µs | PEFT eager step µs | fastlora GPU µs | PEFT GPU µs |" if cuda else
+                 "launches fastlora (Triton + ops) | launches PEFT |")
+        lines += [head, "|" + "---|" * (9 if cuda else 7)]
+        for (M, mode) in sorted(groups[key], key=lambda k: (k[0], modes.index(k[1]) if k[1] in modes else 9)):
+            f, b = groups[key][(M, mode)].get("fastlora"), groups[key][(M, mode)].get("peft")
+
+            def mm(m, what="host_us"):
+                return "–" if m is None else f"{m[what + '_min']:,.0f} / {m[what + '_median']:,.0f}"
+            ratio = "–"
+            if f and b:
+                ratio = (f"{_fmt(_ratio(f['host_us_min'], b['host_us_min']), '.2f')} / "
+                         f"{_fmt(_ratio(f['host_us_median'], b['host_us_median']), '.2f')}")
+            row = f"| {M} | {mode} | {mm(f)} | {mm(b)} | {ratio} | "
+            if cuda:
+                row += f"{mm(f, 'eager_us')} | {mm(b, 'eager_us')} | {mm(f, 'gpu_us')} | {mm(b, 'gpu_us')} |"
+            else:
+                fl = "–" if f is None else f"{f['launches']} ({f['triton_launches']} + {f['op_launches']})"
+                row += f"{fl} | {'–' if b is None else b['launches']} |"
+            lines.append(row)
+        lines.append("")
     return lines
 
 
@@ -377,7 +425,7 @@ def run(args) -> dict:
         raise SystemExit(f"no records found under {', '.join(map(str, paths))}")
     lines, claim = _header(records)
     groups = _layer_groups(records)
-    lines += _layer_markdown(groups) + _memory_markdown(groups) + _train_markdown(records)
+    lines += _layer_markdown(groups) + _memory_markdown(groups) + _host_markdown(records) + _train_markdown(records)
     errors = [r for r in records if r.get("status") not in ("ok", None)]
     if errors:
         lines += ["### Records that did not complete", "", "| bench | config | status | error |", "|---|---|---|---|"]

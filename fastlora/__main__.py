@@ -3,11 +3,19 @@
     fastlora bench {layer,train,report,all} [options]     the benchmarks of a source checkout
     fastlora inspect [options]                           compile the kernels for GPU targets (no GPU
                                                          needed) and report resources and a model
+    fastlora check [--model M] [--m ...] [--json] [--out DIR]
+                                                         numerics against PEFT + bitsandbytes and fp64,
+                                                         speed against PEFT on this GPU, one verdict
+    fastlora tune [--model M | --shapes NxK,...] [--m ...]
+                                                         time the candidates of every projection shape
+                                                         on this GPU, keep the fastest in the cache
 
 The benchmarks live in the checkout's ``benchmarks/`` folder, not in the installed package: the
 command looks for them in ``$FASTLORA_REPO``, the current directory, then next to this package (an
 editable install), and runs ``python -m benchmarks`` there in a fresh interpreter, so that
 ``TRITON_INTERPRET=1`` can be set before Triton compiles anything when there is no GPU.
+``check`` runs in a fresh interpreter for the same reason (the numerics run in Triton's interpreter on
+a CPU), ``inspect`` and ``tune`` in one without it (compiled kernels; ``tune`` exits 1 without a GPU).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 USAGE = ("usage: fastlora bench {layer,train,report,all} [options]   (fastlora bench -h for the options)\n"
-         "       fastlora inspect [options]                          (fastlora inspect -h for the options)")
+         "       fastlora inspect [options]                          (fastlora inspect -h for the options)\n"
+         "       fastlora check [options]                            (fastlora check -h for the options)\n"
+         "       fastlora tune [options]                             (fastlora tune -h for the options)")
 
 
 def _checkout() -> Optional[Path]:
@@ -34,11 +44,20 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    if argv[0] == "inspect":
+    if argv[0] in ("inspect", "tune"):
         # the kernels must be decorated as compiled functions, not the interpreter's: a process of
         # its own, without TRITON_INTERPRET
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "fastlora.inspection", *argv[1:]], env=env)
+        module = "fastlora.inspection" if argv[0] == "inspect" else "fastlora.tuning"
+        return subprocess.call([sys.executable, "-m", module, *argv[1:]], env=env)
+    if argv[0] == "check":
+        import torch
+
+        # compiled kernels on a GPU; Triton's interpreter on a CPU, set before triton is imported there
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
+        return subprocess.call([sys.executable, "-m", "fastlora.check", *argv[1:]], env=env)
     if argv[0] != "bench":
         print(f"fastlora: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
         return 2

@@ -38,21 +38,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The M (tokens) at and above which "dequant" is chosen where no GPU target applies (Triton's CPU
 # interpreter); on a GPU the per-family thresholds of ``kernels.configs.DEQUANT_MIN_TOKENS`` apply.
-DEQUANT_MIN_TOKENS = 1024
+INTERPRETER_DEQUANT_MIN_TOKENS = 1024
 
 
 def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device, target=None) -> str:
     """The static rule that picks a strategy for a layer call: "dequant" from the GPU family's token
     count in ``kernels.configs.DEQUANT_MIN_TOKENS`` (set from ``fastlora inspect``'s model; always on
-    sm_75, where Triton lowers ``tl.dot`` to FMA instructions), else "fused"; DEQUANT_MIN_TOKENS here
-    where no GPU target applies (the interpreter). For a dense base, "dequant" means cuBLAS on the
-    weight as it is. ``target`` (a ``kernels.targets.Target``) defaults to the device's.
+    sm_75, where Triton lowers ``tl.dot`` to FMA instructions), else "fused";
+    INTERPRETER_DEQUANT_MIN_TOKENS where no GPU target applies (the interpreter). For a dense base,
+    "dequant" means cuBLAS on the weight as it is. ``target`` (a ``kernels.targets.Target``) defaults to the device's.
 
     On a CUDA device a call with strategy="auto" asks :mod:`fastlora.tuning` first, which measures
     the strategies on the device (``FASTLORA_TUNE``); this rule is its fallback."""
     if target is None and device is not None:
         target = launch_target(device)
-    threshold = DEQUANT_MIN_TOKENS if target is None else configs.DEQUANT_MIN_TOKENS[configs.family(target)]
+    threshold = (INTERPRETER_DEQUANT_MIN_TOKENS if target is None
+                 else configs.DEQUANT_MIN_TOKENS[configs.family(target)])
     return "fused" if M < threshold else "dequant"
 
 
@@ -66,7 +67,7 @@ def _check_target_dtype(device, *dtypes) -> None:
                         "(fp16=True in the Trainer, bnb_4bit_compute_dtype=float16, fp16 or fp32 adapters)")
 
 
-def _round_base(out_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+def _round_base(compute_dtype: torch.dtype) -> bool:
     """Whether the frozen product (+ bias) is rounded to ``compute_dtype`` before the LoRA term is
     added. PEFT adds its LoRA term to the base layer's result, and that result is rounded wherever it
     is computed in a 16-bit dtype: bitsandbytes returns X·Wᵀ + bias in its compute dtype, ``nn.Linear``
@@ -87,7 +88,7 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, t
     Then the LoRA term is written to ``out`` first (rounded to out's dtype) and the frozen product is
     accumulated onto it; otherwise both are summed in fp32 and rounded once.
     """
-    round_base = _round_base(out.dtype, compute_dtype)
+    round_base = _round_base(compute_dtype)
     if term_first:
         # out = LoRA term alone, rounded to out's dtype (the main loop is skipped: no frozen product)
         lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, skip_main=True, **epilogue)
@@ -172,17 +173,25 @@ def _forward_impl(
     compute_dtype: torch.dtype, lora_dtype: torch.dtype, strategy: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: returns Y [M, N] in x's dtype and H = D(X)·Aᵀ [M, r] in lora_dtype (kept for backward)."""
-    w = _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2)
+    return _forward(x2, lora_A, lora_B, _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize,
+                                                blocksize2), bias, scaling, dropout_p, seed, compute_dtype,
+                    lora_dtype, strategy)
+
+
+def _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy):
+    """:func:`_forward_impl` with the frozen weight as one object (a Packed4bit or a dense tensor)."""
     M = x2.shape[0]
+    N = w.N if isinstance(w, Packed4bit) else w.shape[0]
+    K = x2.shape[1]
     r = lora_A.shape[0]
-    strategy = _resolve(strategy, M, N, K, w, x2.device)
+    strategy = _resolve(strategy, M, N, K, w, x2.device, "forward", compute_dtype, dropout_p > 0.0)
     drop = dropout_p > 0.0
     h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
     lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
                 dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
-                    term_first=code is not None and y.dtype == torch.float16,
+                    term_first=isinstance(w, Packed4bit) and y.dtype == torch.float16,
                     lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
     return y, h
 
@@ -211,16 +220,25 @@ def _backward_impl(
     lora_dtype: torch.dtype, strategy: str, need_x: bool, need_a: bool, need_b: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dX [M, K] in x's dtype, dA [r, K] in A's dtype, dB [N, r] in B's dtype); a gradient
-    not asked for is an empty tensor."""
-    w = _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2)
+    not asked for is an empty tensor (the op's schema returns tensors)."""
+    dx, dA, dB = _backward(dy, x2, h, lora_A, lora_B,
+                           _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2),
+                           scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy, need_x, need_a, need_b)
+    return (x2.new_empty((0,)) if dx is None else dx, lora_A.new_empty((0,)) if dA is None else dA,
+            lora_B.new_empty((0,)) if dB is None else dB)
+
+
+def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy,
+              need_x, need_a, need_b):
+    """:func:`_backward_impl` with the frozen weight as one object (a Packed4bit or a dense tensor); a
+    gradient not asked for is None."""
+    N = w.N if isinstance(w, Packed4bit) else w.shape[0]
+    K = x2.shape[1]
     M = x2.shape[0]
     r = lora_A.shape[0]
-    strategy = _resolve(strategy, M, N, K, w, dy.device)
+    strategy = _resolve(strategy, M, N, K, w, dy.device, "backward", compute_dtype, dropout_p > 0.0)
     drop = dropout_p > 0.0
-    dx = x2.new_empty((0,))
-    dA = lora_A.new_empty((0,))
-    dB = lora_B.new_empty((0,))
-    g = None
+    dx = dA = dB = g = None   # a gradient not asked for
     if need_x or need_a:
         # G = s·dY·B: PEFT's dH, the gradient of the adapter path's input to lora_B, which it holds in
         # the adapters' (or autocast) dtype with s applied first, so a 16-bit G overflows where PEFT's does
@@ -278,48 +296,55 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x2, output[1], lora_A, lora_B, seed_t, weight, code, absmax, absmax2, code2, offset)
     ctx.cfg = (N, K, blocksize, blocksize2, scaling, dropout_p, None if seed_t is not None else seed,
                compute_dtype, lora_dtype, strategy)
-    ctx.mark_non_differentiable(output[1])
 
 
-def _backward_args(ctx, dy):
+def _grads(ctx, dx, dA, dB, n_inputs):
+    need_x, need_a, need_b = ctx.needs_input_grad[:3]
+    return (dx if need_x else None, dA if need_a else None, dB if need_b else None) + (None,) * (n_inputs - 3)
+
+
+def _op_backward(ctx, dy, dh):
     x2, h, lora_A, lora_B, seed, weight, code, absmax, absmax2, code2, offset = ctx.saved_tensors
     N, K, blocksize, blocksize2, scaling, dropout_p, seed_int, compute_dtype, lora_dtype, strategy = ctx.cfg
     need_x, need_a, need_b = ctx.needs_input_grad[:3]
-    return (dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
-            scaling, dropout_p, seed if seed_int is None else seed_int, compute_dtype, lora_dtype, strategy,
-            need_x, need_a, need_b)
+    grads = _lora_linear_backward_op(
+        dy, x2, h, lora_A, lora_B, weight, code, absmax, absmax2, code2, offset, N, K, blocksize, blocksize2,
+        scaling, dropout_p, seed if seed_int is None else seed_int, compute_dtype, lora_dtype, strategy,
+        need_x, need_a, need_b)
+    return _grads(ctx, *grads, _N_INPUTS)
 
 
-def _grads(ctx, dx, dA, dB):
-    need_x, need_a, need_b = ctx.needs_input_grad[:3]
-    return (dx if need_x else None, dA if need_a else None, dB if need_b else None) + (None,) * (_N_INPUTS - 3)
-
-
-def _backward(ctx, dy, dh):
-    return _grads(ctx, *_lora_linear_backward_op(*_backward_args(ctx, dy)))
-
-
-_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_lora_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """The same op for eager calls, without ``torch.library``'s per-call Python (its argument
-    normalisation and autograd wrapper cost more host time than all of a call's launches): the
-    implementations, the saved tensors and the backward are the custom op's own. Used only where
-    nothing traces the call (see :func:`_eager_call`); torch.compile, fake tensors and CUDA-graph
-    capture go through the registered op."""
+    normalisation and autograd wrapper cost more host time than all of a call's launches), and
+    with the frozen weight as one object (no Packed4bit rebuilt per call): the implementations are
+    the registered op's own, and it saves what the op saves. Used only where nothing traces the call
+    (see :func:`_eager_call`); torch.compile, fake tensors and CUDA-graph capture go through the
+    registered op.
+
+    forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy)
+    with ``w`` a Packed4bit or a dense [N, K] tensor and ``seed`` an int (or None)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy):
         # forward(ctx, ...) rather than a separate setup_context: Function.apply then binds no
         # signature per call
-        output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+        y, h = _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy)
+        ctx.save_for_backward(x2, h, lora_A, lora_B, w.packed if isinstance(w, Packed4bit) else w)
+        ctx.w = w   # the module's own tensors, viewed; never a dequantized W
+        ctx.cfg = (scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy)
+        ctx.mark_non_differentiable(h)
+        return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
-        return _grads(ctx, *_backward_impl(*_backward_args(ctx, dy)))
+        x2, h, lora_A, lora_B, _ = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grads = _backward(dy, x2, h, lora_A, lora_B, ctx.w, *ctx.cfg, need_x, need_a, need_b)
+        return _grads(ctx, *grads, 11)
 
 
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
@@ -496,18 +521,24 @@ def lora_linear(
         lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
     _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, lora_dtype, dropout_p, strategy)
     _check_target_dtype(x.device, compute_dtype, x.dtype, lora_dtype)
+    return _run(x, w, lora_A, lora_B, scaling, bias, dropout_p, compute_dtype, lora_dtype, strategy,
+                None if dropout_p == 0.0 or seed is None else _user_seed(seed))
+
+
+def _run(x, w, lora_A, lora_B, scaling, bias, dropout_p, compute_dtype, lora_dtype, strategy, seed_v=None):
+    """:func:`lora_linear` after its checks (``fastlora.patch`` makes its own, from the layer): the
+    weight a Packed4bit or a dense tensor, every number a float, ``seed_v`` None or in [0, 2**62)."""
+    N, K = (w.N, w.K) if isinstance(w, Packed4bit) else tuple(w.shape)
     lead = x.shape[:-1]
     M = 1
     for d in lead:
         M *= d
     x2 = x.reshape(M, K)  # a view whenever x's strides allow it; M given: reshape(-1, 0) is ambiguous
-    seed_v = None if dropout_p == 0.0 or seed is None else _user_seed(seed)
-    wargs = weight_args(w)
     if _eager_call(x):
         if dropout_p != 0.0 and seed_v is None:
             seed_v = draw_seed(x.device)
-        y, _ = LoraLinearFunction.apply(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_v, compute_dtype, lora_dtype,
-                            strategy)
+        y, _ = LoraLinearFunction.apply(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed_v, compute_dtype,
+                                        lora_dtype, strategy)
     else:
         # traced or captured: the seed is a device tensor, drawn by a kernel inside the graph
         if seed_v is not None:
@@ -516,6 +547,6 @@ def lora_linear(
             seed_t = torch.randint(0, SEED_RANGE, (1,), dtype=torch.int64, device=x.device)
         else:
             seed_t = None
-        y, _ = _lora_linear_op(x2, lora_A, lora_B, *wargs, bias, scaling, dropout_p, seed_t, compute_dtype,
+        y, _ = _lora_linear_op(x2, lora_A, lora_B, *weight_args(w), bias, scaling, dropout_p, seed_t, compute_dtype,
                                lora_dtype, strategy)
     return y.reshape(*lead, N)

@@ -49,11 +49,12 @@ from typing import Dict, List
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from .format import from_bnb, get_quant_state
 from .kernels._interpreter import can_run_on
 from .kernels._launch import launch_target
-from .ops import FLOAT_DTYPES, lora_linear
+from .ops import FLOAT_DTYPES, _run
 
 logger = logging.getLogger("fastlora")
 
@@ -264,13 +265,18 @@ def _classify(layer, types):
 
 
 
+_NO_AUTOCAST = {"meta"}   # device types autocast does not know (asking raises: tens of µs per call)
+
+
 def _autocast_dtype(device_type: str):
     """The autocast dtype in effect for ``device_type``, or None."""
+    if device_type in _NO_AUTOCAST:
+        return None
     try:
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-    except (TypeError, RuntimeError):  # a device type autocast does not know
-        return None
+    except (TypeError, RuntimeError):
+        _NO_AUTOCAST.add(device_type)
     return None
 
 
@@ -280,23 +286,32 @@ def _has_hooks(module) -> bool:
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as _m
+    m = _module_globals
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
 
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks)
+
+def _dtensor_class():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return ()
+    return DTensor
+
+
+_DTENSOR = []   # DTensor's class, resolved at the first call (an import statement per call costs µs)
 
 
 def _is_sharded(*tensors) -> bool:
     """True when any tensor is a DTensor (FSDP2's sharded parameters outside its unshard window)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return any(isinstance(t, DTensor) for t in tensors if t is not None)
+    if not _DTENSOR:
+        _DTENSOR.append(_dtensor_class())
+    cls = _DTENSOR[0]
+    return any(isinstance(t, cls) for t in tensors if t is not None)
 
 
-def _plan(layer, st, x, args, kwargs):
-    """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
+def _call_reason(layer, x, args, kwargs):
+    """A fallback reason that the call itself or the layer's merged/disabled state gives, or None."""
     if kwargs:
         if kwargs.get("adapter_names") is not None:
             return "adapter_names"
@@ -310,10 +325,15 @@ def _plan(layer, st, x, args, kwargs):
         return "adapters_disabled"
     if layer.merged:
         return "merged"
+    return None
+
+
+def _adapters(layer):
+    """(names, As, Bs, scalings, dropout ps) of the active adapters as the fused op takes them, or a
+    fallback reason."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if not adapters:
         return "no_active_adapter"
-
     As, Bs, scalings, ps = [], [], [], []
     for a in adapters:
         if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a):
@@ -344,12 +364,15 @@ def _plan(layer, st, x, args, kwargs):
         # ones depends on the summation order, which only PEFT's own path reproduces
         if (math.isfinite(sc) and abs(sc) > MAX_FUSED_SCALING) or (len(adapters) > 1 and not math.isfinite(sc)):
             return "scaling"
+    return adapters, As, Bs, scalings, ps
 
+
+def _tensors_reason(layer, adapters, x, weight, bias, As, Bs):
+    """A fallback reason from hooks, shards, devices, requires_grad or dtypes, or None."""
     base = layer.base_layer
     if _global_hooks() or _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])
-                               or _has_hooks(layer.lora_dropout[a]) for a in adapters):
+                                                  or _has_hooks(layer.lora_dropout[a]) for a in adapters):
         return "module_hooks"
-    weight, bias = base.weight, base.bias
     if _is_sharded(weight, bias, *As, *Bs):
         return "sharded"
     dev = x.device
@@ -362,62 +385,86 @@ def _plan(layer, st, x, args, kwargs):
     lora_dtype = As[0].dtype
     if x.dtype not in FLOAT_DTYPES or lora_dtype not in FLOAT_DTYPES or any(t.dtype != lora_dtype for t in As + Bs):
         return "dtype"
-    ac = _autocast_dtype(dev.type)
+    return None
+
+
+def _base_4bit(layer, st, x, weight, bias, ac, lora_dtype):
+    """(weight as Packed4bit, bias, compute dtype, x as the op takes it) for a bitsandbytes 4-bit base
+    layer, as bitsandbytes' forward would compute it, or a fallback reason."""
+    base = layer.base_layer
+    qs = get_quant_state(base)
+    if qs is None:
+        return "quant_state"
+    if getattr(qs, "packing_format_for_cpu", False):
+        return "packed_for_cpu"
+    try:
+        w = st.packed_for(weight, qs)
+    except (TypeError, ValueError):
+        return "quant_state"
+    # PEFT adds the LoRA term to bitsandbytes' result (x's dtype). Only with CUDA autocast
+    # (the no-argument torch.is_autocast_enabled() PEFT asks) does it skip the cast back, so
+    # the sum may promote; the fused op returns x's dtype, so it runs only where that is the dtype.
+    if torch.is_autocast_enabled():
+        term_dtype = ac if ac is not None else lora_dtype
+        if ac is None and x.dtype != lora_dtype:
+            return "dtype"
+        if torch.promote_types(x.dtype, term_dtype) != x.dtype:
+            return "dtype"
+    if not getattr(base, "compute_type_is_set", True):
+        # what bitsandbytes' forward does on its first call: may switch compute_dtype to x's dtype
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    bnb_dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
+    if bnb_dtype not in FLOAT_DTYPES:
+        return "dtype"
+    if ac is not None and ac != bnb_dtype:
+        return "autocast_compute_dtype"
+    # bitsandbytes' forward also converts base.bias.data to its compute dtype in place; the
+    # values it then adds are the same as the cast below, so the module is left untouched
+    # (patched or not, a state_dict stays what the user loaded).
+    if bias is not None and bias.dtype != bnb_dtype:
+        bias = bias.to(bnb_dtype)
+    return w, bias, (ac if ac is not None else bnb_dtype), x
+
+
+def _base_dense(weight, bias, x, ac):
+    """(weight, bias, compute dtype, x as the op takes it) for an nn.Linear base, or a fallback reason."""
+    if weight.dtype not in FLOAT_DTYPES:
+        return "dtype"
+    if ac is None:
+        if x.dtype != weight.dtype:
+            return "dtype"  # nn.Linear raises on it; let PEFT's forward raise the same error
+        return weight, bias, weight.dtype, x
+    return weight, bias, ac, x.to(ac)  # autocast runs both the base and the LoRA linears on x in this dtype
+
+
+def _plan(layer, st, x, args, kwargs):
+    """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
+    reason = _call_reason(layer, x, args, kwargs)
+    if reason is not None:
+        return reason
+    got = _adapters(layer)
+    if isinstance(got, str):
+        return got
+    adapters, As, Bs, scalings, ps = got
+    weight, bias = layer.base_layer.weight, layer.base_layer.bias
+    reason = _tensors_reason(layer, adapters, x, weight, bias, As, Bs)
+    if reason is not None:
+        return reason
+    lora_dtype = As[0].dtype
+    ac = _autocast_dtype(x.device.type)
     if not getattr(layer, "cast_input_dtype_enabled", True) and ac is None and x.dtype != lora_dtype:
         return "dtype"  # PEFT would feed x uncast to lora_A and F.linear would raise
-
-    if st.kind == "4bit":
-        qs = get_quant_state(base)
-        if qs is None:
-            return "quant_state"
-        if getattr(qs, "packing_format_for_cpu", False):
-            return "packed_for_cpu"
-        try:
-            w = st.packed_for(weight, qs)
-        except (TypeError, ValueError):
-            return "quant_state"
-        # PEFT adds the LoRA term to bitsandbytes' result (x's dtype). Only with CUDA autocast
-        # (the no-argument torch.is_autocast_enabled() PEFT asks) does it skip the cast back, so
-        # the sum may promote; the fused op returns x's dtype, so it runs only where that is the dtype.
-        if torch.is_autocast_enabled():
-            term_dtype = ac if ac is not None else lora_dtype
-            if ac is None and x.dtype != lora_dtype:
-                return "dtype"
-            if torch.promote_types(x.dtype, term_dtype) != x.dtype:
-                return "dtype"
-        if not getattr(base, "compute_type_is_set", True):
-            # what bitsandbytes' forward does on its first call: may switch compute_dtype to x's dtype
-            base.set_compute_type(x)
-            base.compute_type_is_set = True
-        bnb_dtype = base.compute_dtype if base.compute_dtype is not None else x.dtype
-        if bnb_dtype not in FLOAT_DTYPES:
-            return "dtype"
-        if ac is not None and ac != bnb_dtype:
-            return "autocast_compute_dtype"
-        # bitsandbytes' forward also converts base.bias.data to its compute dtype in place; the
-        # values it then adds are the same as the cast below, so the module is left untouched
-        # (patched or not, a state_dict stays what the user loaded).
-        if bias is not None and bias.dtype != bnb_dtype:
-            bias = bias.to(bnb_dtype)
-        compute = ac if ac is not None else bnb_dtype
-        x_in = x
-    else:
-        if weight.dtype not in FLOAT_DTYPES:
-            return "dtype"
-        if ac is None:
-            if x.dtype != weight.dtype:
-                return "dtype"  # nn.Linear raises on it; let PEFT's forward raise the same error
-            compute = weight.dtype
-            x_in = x
-        else:
-            compute = ac
-            x_in = x.to(ac)  # autocast runs both the base and the LoRA linears on x in this dtype
-        w = weight
+    got = (_base_4bit(layer, st, x, weight, bias, ac, lora_dtype) if st.kind == "4bit"
+           else _base_dense(weight, bias, x, ac))
+    if isinstance(got, str):
+        return got
+    w, bias, compute, x_in = got
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
     # PEFT's adapters run in the autocast dtype under autocast, else in their own dtype
     lora_dt = ac if ac is not None else lora_dtype
-    target = launch_target(dev)
+    target = launch_target(x.device)
     if target is not None and not target.has_bf16 and torch.bfloat16 in (compute, x_in.dtype, lora_dt):
         return "device_dtype"
 
@@ -428,7 +475,7 @@ def _plan(layer, st, x, args, kwargs):
         lora_A = torch.cat(As, dim=0)
         lora_B = torch.cat([b * s for b, s in zip(Bs, scalings)], dim=1)
         scaling = 1.0
-    return dict(x=x_in, weight=w, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias,
+    return dict(x=x_in, w=w, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, strategy="auto",
                 dropout_p=ps[0], compute_dtype=compute, lora_dtype=lora_dt, autocast=ac is not None)
 
 
@@ -451,8 +498,8 @@ def _patched_forward(self, x, *args, **kwargs):
     if autocast:
         # the op's dtypes are explicit; autocast must not re-cast its inner torch.matmul
         with torch.autocast(x.device.type, enabled=False):
-            return lora_linear(**plan)
-    return lora_linear(**plan)
+            return _run(**plan)
+    return _run(**plan)  # lora_linear past its argument checks: _plan made them, from the layer
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
+from triton import knobs as _knobs
+from triton.runtime.driver import driver as _driver
 
 from . import _interpreter
 from .targets import Target, device_target, get_target
@@ -39,7 +41,7 @@ class Launch:
     grid: tuple
     args: tuple
     kwargs: dict
-    label: Optional[str] = None   # what the launch computes ("Y", "dX", ...), when the caller said
+    label: Optional[str] = None   # what the launch computes ("Y", "dX", ...), set by fastlora inspect
     phase: Optional[str] = None   # "forward" / "backward", where the recording caller says
 
     @property
@@ -83,17 +85,6 @@ def recording(target):
         yield rec.launches
     finally:
         _state.recorder = None
-
-
-@contextlib.contextmanager
-def label(name: str):
-    """Name the launches made inside (``Launch.label``) while recording; free otherwise."""
-    prev = getattr(_state, "label", None)
-    _state.label = name
-    try:
-        yield
-    finally:
-        _state.label = prev
 
 
 # a target whose tiles the interpreter runs (tests): None -> the interpreter's own small tiles
@@ -151,7 +142,7 @@ def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, or a recorded :class:`Launch` inside :func:`recording`."""
     rec = _recorder()
     if rec is not None:
-        rec.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs), getattr(_state, "label", None)))
+        rec.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
         return None
     if _STUB is not None:
         from triton.backends.compiler import GPUTarget
@@ -188,20 +179,18 @@ class Prepared:
         ck = self.compiled
         if ck is None or _recorder() is not None:
             return self._through_jit(args)
-        from triton import knobs
-        from triton.runtime.driver import driver
-
-        d = driver.active
+        d = _driver.active
         device = d.get_current_device()
         if self.device_index is not None and device != self.device_index:
             with torch.cuda.device(self.device_index):
                 return self(*args)
         stream = d.get_current_stream(device)
         params = args + self.tail
-        enter = knobs.runtime.launch_enter_hook
+        runtime = _knobs.runtime
+        enter = runtime.launch_enter_hook
         meta = ck.launch_metadata(self.grid, stream, *params) if enter is not None else None
         ck.run(self.grid[0], self.grid[1], self.grid[2], stream, ck.function, ck.packed_metadata, meta,
-               enter, knobs.runtime.launch_exit_hook, *params)
+               enter, runtime.launch_exit_hook, *params)
         return ck
 
     def _through_jit(self, args):

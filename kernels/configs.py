@@ -58,34 +58,32 @@ _C = TileConfig
 _INF = 1 << 62
 
 # (max_m, config) rows per kind; first row with M <= max_m wins. dequant rows: block_j = elements
-# per program (block_m / block_i unused, 1).
-# sm_80 and up: the same rows fit and do not spill on sm_80, sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py)
-#   frozen4, M <= 16: 16 x 256 x 128, 8 warps, 2 stages: 5.7 (X·Wᵀ) / 6.0 (dY·W) thread-instructions per
-#     weight on sm_89 (6.1 / 6.4 with 16 x 128 x 64 and 4 warps), 90,112 B of shared memory; split-K up to 32 (sm_90: its own row)
-#   frozen4, M > 16: 128 x 128 x 64, 8 warps, 3 stages (2 on sm_90): 0 spill bytes everywhere since the
-#     dropout mask takes one Philox call per 4 elements (before, the same tile spilled 8-976 B and
-#     128 x 64 x 64 was used: half the MMA work per decoded weight); 58-75 KB of shared memory
+# per program (block_m / block_i unused, 1). The sm_80-and-up rows fit, without spills, on sm_80,
+# sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py); ``fastlora inspect`` prints, per target, the
+# shared memory, registers and instructions per decoded weight each row compiles to. Why these rows:
+#   frozen4, M <= 16: a 16-row tile (the smallest MMA tile) as wide as W's rows allow, split-K up to
+#     32 ways to fill the GPU: at small M the product reads the weight once, and only the decode's
+#     instructions and the bytes matter
+#   frozen4, M > 16: 128 x 128 x 64 with 8 warps: twice the MMA work per decoded weight of 128 x 64,
+#     and no spills with the dropout mask's one Philox call per four elements
+#   lora16: 8 warps for the 128-row tile: with 4, odd K (unaligned rows, no cp.async) spilled
 _SM80_UP = {
     "frozen4": [(16, _C(16, 256, 128, 8, 2, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
     "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
     "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 64, 64, 8, 3))],
     "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
-    # 8 warps for the 128-row tile: with 4, odd K (unaligned rows, no cp.async) spilled 120-664 B on sm_80
     "lora16": [(64, _C(64, 64, 64, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))],
     "epilogue": [(_INF, _C(64, 64, 16, 8, 1))],
     "dequant": [(_INF, _C(1, 4096, 1, 4, 1))],
 }
 
 TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
-    # M <= 16: 16 x 128 x 128, 4 warps, 1 stage: half the split-K partials of 256-wide tiles, and no
-    # software pipelining: the loads go straight to registers (no cp.async staging through shared
-    # memory), so the main loop takes 4.9 (X·Wᵀ) and 5.1 (dY·W) instructions per weight, against 5.8
-    # and 6.3 for 16 x 256 x 128, 8 warps, 2 stages; the modelled training step of the four Llama-3-8B
-    # projections at M = 16 drops from 75 to 63 µs. What the model cannot see: memory latency is then
-    # hidden only by the resident programs (2 per SM) and each thread's loads in flight. The first
-    # thing to measure on an H100. (1 stage does not help the mma.sync parts, sm_80..sm_89.)
-    # M > 16: 2 stages for the large-M 4-bit tile: with 3, X·Wᵀ with an fp32 LoRA epilogue (fp32
-    # adapters, no autocast) spills 16 B on sm_90
+    # M <= 16: 16 x 128 x 128, 4 warps, 1 stage: half the split-K partials of a 256-wide tile, and
+    # no software pipelining, so the loads go straight to registers (no staging through shared
+    # memory) and the decode takes fewer instructions per weight than the sm_8x row (static counts).
+    # What no static count sees: memory latency is then hidden only by the resident programs and each
+    # thread's loads in flight; measured choices (fastlora.tuning) replace this row on a real H100.
+    # M > 16: 2 stages: with 3, X·Wᵀ with an fp32 LoRA epilogue (fp32 adapters, no autocast) spills
     "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))]},
     "sm_80": dict(_SM80_UP),
     # 99 KB per block: the small-M dense tile with 2 stages, not 3

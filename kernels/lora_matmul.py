@@ -311,11 +311,7 @@ def _sig(t: torch.Tensor) -> tuple:
 
 
 def _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config):
-    if isinstance(w, Packed4bit):
-        wkey = (w.N, w.K, w.blocksize, w.blocksize2, w.nested, w.absmax.dtype,
-                tuple(t.data_ptr() % 16 == 0 for t in kernel_args(w)))
-    else:
-        wkey = _sig(w)
+    wkey = w.spec if isinstance(w, Packed4bit) else _sig(w)
     return (flags, target, configs.generation(), config, a.device, _sig(a), wkey, _sig(out),
             None if lora_l is None else (_sig(lora_l), _sig(lora_r)),
             None if bias is None else _sig(bias), isinstance(seed, torch.Tensor))

@@ -24,10 +24,10 @@ Two decodes, both ``@triton.jit`` helpers used by the fused GEMM (``lora_matmul.
 - :func:`decode_4bit_rows` (K even, K % BLOCKSIZE == 0, the common case): a W tile [R, C] is R runs
   of C/2 whole bytes, read as [R, C/2] uint8 vectors; each byte is decoded by one gather from a
   256-entry pair table (code[b >> 4], code[b & 15]) held in registers (Triton stages it in shared
-  memory), and one absmax per (row, block) is broadcast. Measured on sm_89 at M = 16, N = K = 4096:
-  27.8 -> 5.7 thread-instructions per weight in the main loop for X·Wᵀ, 45.8 -> 6.0 for dY·W, and
-  shared memory 217,088 -> 90,112 bytes (the per-element gathers were staged in shared memory).
-  A warp-local gather from the 16-entry table (shuffles) measured 20.9 per weight.
+  memory), and one absmax per (row, block) is broadcast. Why: in the compiled SASS for sm_89
+  (static counts, ``fastlora inspect``), the per-element decode spends several times the
+  instructions per weight in the main loop of this one, and stages its gathers in shared memory;
+  a warp-local gather from the 16-entry table (shuffles) counted about 3.5x this decode's.
 - :func:`decode_4bit` (any layout: odd K, blocks straddling rows): per element, by flat position.
 
 The values stay code·absmax in fp32 rounded once, as bitsandbytes' dequant, so the fused product
@@ -38,6 +38,7 @@ in a :class:`Packed4bit`; reading them out of bitsandbytes objects is ``fastlora
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -79,6 +80,13 @@ class Packed4bit:
     @property
     def nested(self) -> bool:
         return self.absmax2 is not None
+
+    @functools.cached_property
+    def spec(self) -> tuple:
+        """What of this weight decides a kernel's compiled specialization: its sizes, its layout and
+        the 16-byte alignment of its tensors (computed once: the tensors of a Packed4bit are fixed)."""
+        return (self.N, self.K, self.blocksize, self.blocksize2, self.nested, self.absmax.dtype,
+                tuple(t.data_ptr() % 16 == 0 for t in kernel_args(self)))
 
     @property
     def device(self) -> torch.device:

@@ -2,7 +2,8 @@
 
 TRITON_INTERPRET must be set before triton decorates any kernel, hence here, before fastlora is
 imported. fastlora.kernels._interpreter corrects the interpreter's bf16 numerics (bf16 tl.dot,
-truncating fp32->bf16 casts), so CPU runs give the GPU's numbers.
+truncating fp32->bf16 casts), so CPU runs give the GPU's numbers. On-device tuning is off for the
+suite (FASTLORA_TUNE=0) and its cache goes to a temporary folder.
 """
 
 import os
@@ -11,6 +12,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# On a GPU, "auto" would time candidates and pick per device: the suite checks the static tables'
+# choices (tests/test_tuning.py turns tuning on for itself), and never writes to the user's cache
+os.environ.setdefault("FASTLORA_TUNE", "0")
+if "FASTLORA_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FASTLORA_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastlora-test-cache-")
 
 import pytest  # noqa: E402
 

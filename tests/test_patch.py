@@ -187,7 +187,7 @@ def test_dequant_strategy_through_the_patcher(case, monkeypatch):
 
     from fastlora.kernels import configs
 
-    monkeypatch.setattr(ops, "DEQUANT_MIN_TOKENS", 1)                                   # the interpreter's
+    monkeypatch.setattr(ops, "INTERPRETER_DEQUANT_MIN_TOKENS", 1)                       # the interpreter's
     monkeypatch.setattr(configs, "DEQUANT_MIN_TOKENS", dict.fromkeys(configs.TABLES, 1))  # a GPU's
     assert ops.choose_strategy(21, N_OUT, K_IN, True, torch.device(DEVICE)) == "dequant"
     kw = dict(CASES[case])

@@ -1,0 +1,1073 @@
+"""Measured selection on the user's GPU: the first call of a frozen product at a new shape times the
+candidates there and keeps the fastest, in a per-device cache.
+
+What one entry decides, for one (phase, kind of frozen product, N, K, M bucket, dtypes, dropout on/off):
+
+    strategy     "dequant" (W dequantized by fastlora's kernel, then cuBLAS: what PEFT + bitsandbytes
+                 and Unsloth run) or "fused" (W decoded inside the GEMM)
+    fused tile   the launch configuration of the fused frozen product (installed with
+                 ``kernels.configs.set_tuned``, so even an explicit strategy="fused" runs the fastest
+                 tile measured)
+
+The phase is "forward" (Y = X·Wᵀ, the product's [J, I] = [N, K]) or "backward" (dX = dY·W, [K, N]).
+Both strategies compute the same numbers within the project's tolerance rule (``fastlora check``), so
+a measurement may pick either.
+
+Candidates (:func:`candidates`), in this order, which is also the order ties are broken in:
+
+    1. "dequant"
+    2. "fused" with the static table's row for M (``kernels.configs.TABLES``: the fallback)
+    3. the same family's other rows of that kind, then neighbours of the row: one stage fewer / more,
+       no split-K, twice the split limit, the other warp count, half / double BLOCK_J; each narrowed
+       to the problem as ``configs.select`` narrows it, duplicates dropped, at most
+       ``MAX_ALTERNATIVES``. One that does not launch (shared memory, registers) is skipped.
+
+How one candidate is timed (:func:`cuda_timer`): the whole phase of the op (``fastlora.lora_linear``
+with the strategy forced, the tile through ``configs.override``; backward as ``autograd.grad`` over a
+retained graph) on random data (never zeros; the layer's own weight when the op triggered the tuning),
+its own generator (the user's random streams are not touched), autocast off, dtypes explicit. One
+untimed call (compiles), then CUDA events around each call with L2 flushed before it, as many calls as
+the candidate's share of the shape's budget allows (3 to 50), and the median. The pick is the
+fastest median; equal medians go to the earlier candidate.
+
+Budget: about ``PER_SHAPE_S`` per entry (dequant and the table's tile are always measured, the
+alternatives while time is left) and ``PER_PROCESS_S`` per process (one model's shapes); once spent,
+the remaining shapes keep the static rule for the rest of the process and are not cached, so the
+next run tunes them. Each entry logs one line (logger ``fastlora.tuning``, INFO): what was tuned, how
+long it took, what it picked.
+
+When it runs: on a CUDA device only, at a call that resolves strategy="auto" (the default), and never
+under Triton's interpreter, inside a torch.compile trace (``torch.compiler.is_compiling()``: the op is
+opaque there anyway; tuning happens at the first eager call) or during CUDA graph capture (it would
+synchronize); there an entry already loaded is still used, else the static rule, and the next eager
+call tunes. ``FASTLORA_TUNE`` (read once per process): ``0`` static tables only, ``1`` (default) tune
+missing entries, ``force`` re-tune every entry once in this process. Once an entry is known, a call
+costs one dict lookup (:func:`pick`). A call that does not name its phase, compute dtype or dropout
+gets them assumed (both phases, bitsandbytes' compute dtype with the adapter products in it, dropout
+off): both phases' entries are tuned at its first call and the strategy with the shorter forward +
+backward is used for both.
+
+The cache (:class:`Cache`): one JSON file per device under ``$FASTLORA_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``, keyed by device name, compute capability,
+SM count, driver, torch, triton and fastlora versions and a hash of the kernel sources (a measured
+tile belongs to the code that was measured). A file with another key (an upgrade) or one that does
+not parse gives one warning, is ignored and is rewritten at the next write. Writes merge with what is
+on disk under an exclusive lock (``fcntl.flock`` on ``<file>.lock``; DDP ranks tune at once) and a
+thread lock, then replace the file atomically (a temporary file in the same folder, ``os.replace``).
+Nothing outside that folder is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .kernels import _interpreter, configs
+from .kernels._launch import launch_target
+from .kernels.configs import TileConfig
+from .kernels.quant4 import Packed4bit, wide_decode_ok
+
+logger = logging.getLogger("fastlora.tuning")
+
+PHASES = ("forward", "backward")
+STRATEGIES = ("dequant", "fused")
+FORMAT = "fastlora-tuning"
+FORMAT_VERSION = 1
+
+PER_SHAPE_S = 1.0          # measuring time per entry (compiling a new tile comes on top, once per machine)
+PER_PROCESS_S = 60.0       # all entries of one process together, compiles included
+MAX_ALTERNATIVES = 4       # fused tiles besides the table's row
+MIN_REPS, MAX_REPS = 3, 50
+DEFAULT_RANK = 16          # the adapters' rank when the caller does not say (the products barely depend on it)
+DEFAULT_DROPOUT_P = 0.05
+
+# device types tuning may run on (tests add "cpu" to drive the whole path with an injected timer)
+_DEVICE_TYPES = ("cuda",)
+
+
+# ----------------------------------------------------------------------------------------------
+# the mode, read once
+# ----------------------------------------------------------------------------------------------
+
+_MODE: List[Optional[str]] = [None]
+_MODE_WORDS = {"0": "0", "off": "0", "false": "0", "no": "0", "1": "1", "on": "1", "true": "1", "yes": "1",
+               "force": "force"}
+
+
+def mode() -> str:
+    """``FASTLORA_TUNE`` as "0", "1" or "force", read from the environment at the first call (a call
+    of the op never reads the environment)."""
+    m = _MODE[0]
+    if m is None:
+        raw = os.environ.get("FASTLORA_TUNE", "1").strip().lower()
+        m = _MODE_WORDS.get(raw)
+        if m is None:
+            warnings.warn(f"FASTLORA_TUNE={raw!r} is not one of 0, 1, force: tuning missing entries (1)",
+                          RuntimeWarning, stacklevel=2)
+            m = "1"
+        _MODE[0] = m
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# keys
+# ----------------------------------------------------------------------------------------------
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def product_kind(w, compute_dtype: torch.dtype) -> str:
+    """The configuration table kind of the fused frozen product over ``w`` (``lora_matmul._kind``'s
+    answer for it): frozen4 / frozen4_flat for a 4-bit weight, dense for a 16-bit one, lora for fp32."""
+    if isinstance(w, Packed4bit):
+        return "frozen4" if wide_decode_ok(w) else "frozen4_flat"
+    return "lora" if compute_dtype == torch.float32 else "dense"
+
+
+def product_dims(phase: str, N: int, K: int) -> Tuple[int, int]:
+    """(J, I) of the phase's frozen product out[M, J] = a[M, I]·T[I, J]."""
+    if phase == "forward":
+        return N, K
+    if phase == "backward":
+        return K, N
+    raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def entry_key(phase: str, kind: str, N: int, K: int, M: int, x_dtype, compute_dtype, lora_dtype,
+              dropout: bool) -> str:
+    """The key of one entry inside a device's file: readable, one string."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    dts = "/".join(_dtype_name(d) for d in (x_dtype, compute_dtype, lora_dtype))
+    return f"{phase}|{kind}|N={N}|K={K}|M<={configs.m_bucket(M)}|{dts}|dropout={'on' if dropout else 'off'}"
+
+
+def _driver_version() -> Optional[str]:
+    get = getattr(torch._C, "_cuda_getDriverVersion", None)   # CUDA builds of torch only
+    if get is None:
+        return None
+    try:
+        v = int(get())
+    except (RuntimeError, OSError):
+        return None
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+_KERNELS_SHA: List[Optional[str]] = [None]
+
+
+def kernels_sha256() -> str:
+    """sha256 of the kernel package's sources: a version string does not change when a kernel does."""
+    if _KERNELS_SHA[0] is None:
+        folder = Path(configs.__file__).resolve().parent
+        h = hashlib.sha256()
+        for path in sorted(folder.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+        _KERNELS_SHA[0] = h.hexdigest()
+    return _KERNELS_SHA[0]
+
+
+def versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata
+
+    import triton
+
+    from . import __version__
+
+    out = {"torch": torch.__version__, "triton": triton.__version__, "fastlora": __version__,
+           "fastlora_kernels_sha256": kernels_sha256()}
+    for pkg in ("bitsandbytes", "peft", "transformers"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_key(device) -> dict:
+    """What a cache file is valid for: the device and the software whose speed was measured."""
+    device = torch.device(device)
+    v = versions()
+    key = {"torch": v["torch"], "triton": v["triton"], "fastlora": v["fastlora"],
+           "fastlora_kernels_sha256": v["fastlora_kernels_sha256"]}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        key.update(device=props.name, cc=f"{props.major}.{props.minor}", sms=int(props.multi_processor_count),
+                   driver=_driver_version(), cuda=torch.version.cuda)
+    else:
+        key.update(device=platform.processor() or platform.machine() or device.type, cc=None,
+                   sms=os.cpu_count(), driver=None, cuda=None)
+    return key
+
+
+def _slug(text: str) -> str:
+    out = "".join(c if c.isalnum() else "-" for c in str(text).lower())
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "device"
+
+
+def cache_dir() -> Path:
+    """``$FASTLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``."""
+    explicit = os.environ.get("FASTLORA_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "fastlora"
+
+
+def cache_path(key: dict, folder: Optional[Path] = None) -> Path:
+    """One file per device: its name and compute capability (the versions live inside, in the key)."""
+    cc = key.get("cc")
+    name = _slug(key.get("device", "device")) + (f"-sm{str(cc).replace('.', '')}" if cc else "")
+    return Path(folder if folder is not None else cache_dir()) / f"{name}.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache file
+# ----------------------------------------------------------------------------------------------
+
+try:
+    import fcntl
+except ImportError:    # not POSIX: threads are still serialized; processes only by os.replace's atomicity
+    fcntl = None
+
+_WARNED: set = set()
+
+
+def _warn_once(path: Path, kind: str, detail: str = "") -> None:
+    """One warning per file and kind of problem in a process (a training run reads and writes the
+    file many times)."""
+    if (str(path), kind) in _WARNED:
+        return
+    _WARNED.add((str(path), kind))
+    what = "cannot be written, the measurements stay in this process" if kind == "unwritable" else \
+        "ignored, it will be rewritten"
+    warnings.warn(f"fastlora: tuning cache {path}: {kind}{' (' + detail + ')' if detail else ''}; {what}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _valid_entry(e) -> bool:
+    if not isinstance(e, dict) or e.get("strategy") not in STRATEGIES:
+        return False
+    tile = e.get("fused_tile")
+    return tile is None or (isinstance(tile, list) and len(tile) == 6 and all(isinstance(v, int) and v > 0
+                                                                                for v in tile))
+
+
+class Cache:
+    """The entries of one device's file, loaded once; :meth:`put` merges with the file and rewrites it."""
+
+    def __init__(self, path: os.PathLike, key: dict):
+        self.path = Path(path)
+        self.key = dict(key)
+        self.entries: Dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.load()
+
+    def _read(self, warn: bool) -> Dict[str, dict]:
+        """The file's entries when it is ours (same key); {} when missing, foreign or corrupt."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            if warn:
+                _warn_once(self.path, "unreadable", str(exc))
+            return {}
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+                raise ValueError("not a fastlora tuning file")
+        except ValueError as exc:
+            if warn:
+                _warn_once(self.path, "corrupt", str(exc))
+            return {}
+        if data.get("version") != FORMAT_VERSION or data.get("key") != self.key:
+            if warn:
+                theirs = data.get("key") if isinstance(data.get("key"), dict) else {}
+                diff = sorted(k for k in set(theirs) | set(self.key) if theirs.get(k) != self.key.get(k))
+                _warn_once(self.path, "foreign", f"made for another device or versions: {', '.join(diff)} differ")
+            return {}
+        good = {k: e for k, e in data["entries"].items() if isinstance(k, str) and _valid_entry(e)}
+        if len(good) != len(data["entries"]) and warn:
+            _warn_once(self.path, "corrupt entries", f"{len(data['entries']) - len(good)} malformed")
+        return good
+
+    def load(self) -> None:
+        with self._lock:
+            self.entries = self._read(warn=True)
+
+    def get(self, ekey: str) -> Optional[dict]:
+        return self.entries.get(ekey)
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        if fcntl is None:
+            yield
+            return
+        with open(self.path.with_name(self.path.name + ".lock"), "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def put(self, ekey: str, entry: dict) -> bool:
+        """Record ``entry`` and write the file: what is on disk now (another process's entries),
+        this process's entries, and this one last. False (and one warning) when it cannot be written."""
+        with self._lock:
+            self.entries[ekey] = entry
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self._file_lock():
+                    # the file is at least as new as this process's copy of it; this entry is newest
+                    merged = {**self.entries, **self._read(warn=False), ekey: entry}
+                    data = {"format": FORMAT, "version": FORMAT_VERSION, "key": self.key,
+                            "entries": dict(sorted(merged.items()))}
+                    fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+                    try:
+                        with os.fdopen(fd, "w", encoding="utf-8") as f:
+                            json.dump(data, f, indent=1)
+                            f.flush()
+                            os.fsync(f.fileno())
+                        os.replace(tmp, self.path)
+                    except BaseException:
+                        with contextlib.suppress(OSError):
+                            os.unlink(tmp)
+                        raise
+                    self.entries = merged
+            except OSError as exc:
+                _warn_once(self.path, "unwritable", str(exc))
+                return False
+        return True
+
+
+# ----------------------------------------------------------------------------------------------
+# candidates
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a frozen product: a strategy, and for "fused" the launch configuration."""
+
+    strategy: str
+    tile: Optional[TileConfig] = None
+    origin: str = ""          # where the tile comes from: "table", "row M<=16", "stages-1", ...
+
+    @property
+    def name(self) -> str:
+        t = self.tile
+        if t is None:
+            return self.strategy
+        return f"fused {t.block_m}x{t.block_j}x{t.block_i} w{t.num_warps} s{t.num_stages} k{t.split}"
+
+
+def _narrowed(kind: str, cfg: TileConfig, M: int, J: int, I: int, target) -> TileConfig:
+    """``cfg`` as a launch of the problem gets it (``configs.select`` narrows tiles to the problem)."""
+    with configs.override(kind, cfg):
+        return configs.select(kind, M, J, I, target)
+
+
+def _table_row(kind: str, M: int, target) -> TileConfig:
+    if target is None:   # the interpreter's tiles (configs.select without a target)
+        return configs.INTERPRETER
+    return next(cfg for max_m, cfg in configs.TABLES[configs.family(target)][kind] if M <= max_m)
+
+
+def candidates(kind: str, M: int, J: int, I: int, target, max_alternatives: int = MAX_ALTERNATIVES
+               ) -> List[Candidate]:
+    """dequant, the table's fused tile, then up to ``max_alternatives`` other fused tiles (see the
+    module docstring), each as ``configs.select`` would narrow it to the problem."""
+    row = _table_row(kind, M, target)
+    out = [Candidate("dequant"), Candidate("fused", _narrowed(kind, row, M, J, I, target), "table")]
+    if target is None or max_alternatives <= 0:
+        return out
+    alts: List[Tuple[str, TileConfig]] = []
+    for max_m, cfg in configs.TABLES[configs.family(target)][kind]:
+        alts.append((f"row M<={max_m}" if max_m < (1 << 40) else "row M>any", cfg))
+    alts += [("stages-1", replace(row, num_stages=max(1, row.num_stages - 1))),
+             ("stages+1", replace(row, num_stages=row.num_stages + 1)),
+             ("no split", replace(row, split=1)),
+             ("split x2", replace(row, split=min(64, max(2, row.split * 2)))),
+             ("warps", replace(row, num_warps=4 if row.num_warps == 8 else 8)),
+             ("block_j/2", replace(row, block_j=max(16, row.block_j // 2))),
+             ("block_j*2", replace(row, block_j=min(256, row.block_j * 2)))]
+    seen = {out[1].tile}
+    for origin, cfg in alts:
+        t = _narrowed(kind, cfg, M, J, I, target)
+        if t in seen:
+            continue
+        seen.add(t)
+        out.append(Candidate("fused", t, origin))
+        if len(out) - 2 >= max_alternatives:
+            break
+    return out
+
+
+def fastest(times: Sequence[Tuple[Candidate, Optional[float]]]) -> Tuple[Candidate, float]:
+    """The candidate with the smallest time (ms); equal times go to the earlier one; None (failed)
+    never wins. Raises ValueError when none was measured."""
+    best = None
+    for cand, t in times:
+        if t is None or not math.isfinite(t):
+            continue
+        if best is None or t < best[1]:
+            best = (cand, t)
+    if best is None:
+        raise ValueError("no candidate could be measured")
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+# candidate, a zero-argument callable running it once, seconds it may take -> median milliseconds
+Timer = Callable[[Candidate, Callable[[], object], float], float]
+
+_L2: Dict[int, torch.Tensor] = {}
+
+
+def _flush_l2(device: torch.device) -> None:
+    """Overwrite the L2 cache so no call starts with the weight already cached by the previous one
+    (in training, other layers run in between)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _L2.get(idx)
+    if buf is None:
+        size = int(getattr(torch.cuda.get_device_properties(idx), "L2_cache_size", 0) or (64 << 20))
+        buf = _L2[idx] = torch.empty(2 * size, dtype=torch.int8, device=device)
+    buf.zero_()
+
+
+def cuda_timer(candidate: Candidate, fn: Callable[[], object], budget_s: float, device=None) -> float:
+    """Median milliseconds of ``fn`` by CUDA events: one untimed call (compiles), one timed call to size
+    the repetitions to ``budget_s``, then MIN_REPS..MAX_REPS calls, each after an L2 flush."""
+    device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _flush_l2(device)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    first_ms = start.elapsed_time(end)
+    reps = int(max(MIN_REPS, min(MAX_REPS, budget_s * 1e3 / max(first_ms + 0.05, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        _flush_l2(device)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    samples = sorted(s.elapsed_time(e) for s, e in events)
+    return samples[len(samples) // 2] if reps % 2 else 0.5 * (samples[reps // 2 - 1] + samples[reps // 2])
+
+
+_TIMER: List[Optional[Timer]] = [None]
+
+
+def set_timer(timer: Optional[Timer]) -> None:
+    """Replace the timer every tuning uses (None: CUDA events). For tests and for tools that time
+    differently; a timer gets (candidate, fn, budget_s) and returns milliseconds."""
+    _TIMER[0] = timer
+
+
+# ----------------------------------------------------------------------------------------------
+# one phase of the op, runnable per candidate
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One frozen product as the op runs it: the phase, the weight, the call's sizes and dtypes."""
+
+    phase: str
+    w: object                 # Packed4bit or a dense [N, K] tensor (the layer's own, or a random one)
+    M: int
+    x_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    lora_dtype: torch.dtype
+    dropout_p: float = 0.0
+    rank: int = DEFAULT_RANK
+    bias: bool = False
+
+    @property
+    def N(self) -> int:
+        return self.w.N if isinstance(self.w, Packed4bit) else self.w.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.w.K if isinstance(self.w, Packed4bit) else self.w.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.w.device
+
+    @property
+    def kind(self) -> str:
+        return product_kind(self.w, self.compute_dtype)
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.phase, self.kind, self.N, self.K, self.M, self.x_dtype, self.compute_dtype,
+                         self.lora_dtype, self.dropout_p > 0)
+
+    def describe(self) -> str:
+        return (f"{self.phase} {self.kind} N={self.N} K={self.K} M={self.M} (bucket {configs.m_bucket(self.M)}) "
+                f"{_dtype_name(self.x_dtype)}/{_dtype_name(self.compute_dtype)}/{_dtype_name(self.lora_dtype)} "
+                f"dropout {'on' if self.dropout_p > 0 else 'off'}")
+
+
+class PhaseRunner:
+    """Inputs for one :class:`Problem`, built once; :meth:`fn` gives the zero-argument call of a candidate.
+
+    Random normal data scaled as a trained layer's (X ~ 1, W's rows ~ 1/√K, A ~ 1/√K, B ~ 1/√r), from a
+    generator of its own."""
+
+    def __init__(self, problem: Problem, seed: int = 0):
+        p = self.p = problem
+        dev = p.device
+        g = torch.Generator(device=dev).manual_seed(seed)
+
+        def randn(*shape, std=1.0, dtype=torch.float32):
+            return (torch.randn(*shape, generator=g, device=dev) * std).to(dtype)
+
+        M, N, K, r = p.M, p.N, p.K, p.rank
+        self.x = randn(M, K, dtype=p.x_dtype)
+        self.dy = randn(M, N, std=0.1, dtype=p.x_dtype)
+        # fp32 adapters, as get_peft_model leaves them; the products run in lora_dtype
+        self.A = randn(r, K, std=K ** -0.5)
+        self.B = randn(N, r, std=r ** -0.5)
+        self.bias = randn(N, std=0.1, dtype=p.compute_dtype) if p.bias else None
+        self._graphs: Dict[str, tuple] = {}
+
+    def _call(self, strategy: str, x, A, B):
+        from .ops import lora_linear
+
+        p = self.p
+        return lora_linear(x, p.w, A, B, 2.0, bias=self.bias, dropout_p=p.dropout_p, compute_dtype=p.compute_dtype,
+                           lora_dtype=p.lora_dtype, strategy=strategy, seed=1234)
+
+    def fn(self, candidate: Candidate) -> Callable[[], object]:
+        if self.p.phase == "forward":
+            def forward():
+                with torch.no_grad():
+                    return self._call(candidate.strategy, self.x, self.A, self.B)
+            return forward
+        graph = self._graphs.get(candidate.strategy)
+        if graph is None:
+            self._graphs.clear()      # candidates come grouped by strategy: one retained graph at a time
+            x, A, B = (t.detach().requires_grad_() for t in (self.x, self.A, self.B))
+            with torch.enable_grad():
+                y = self._call(candidate.strategy, x, A, B)
+            graph = self._graphs[candidate.strategy] = (y, (x, A, B))
+        y, leaves = graph
+
+        def backward():
+            return torch.autograd.grad(y, leaves, self.dy, retain_graph=True)
+        return backward
+
+    def close(self) -> None:
+        self._graphs.clear()
+
+
+def measure(problem: Problem, cands: Sequence[Candidate], target, *, timer: Optional[Timer] = None,
+            budget_s: float = PER_SHAPE_S, make_runner=PhaseRunner) -> List[Tuple[Candidate, Optional[float], str]]:
+    """Time each candidate: [(candidate, ms or None, error)]. The first two (dequant, the table's tile)
+    always; the rest while the budget lasts (skipped ones: None, "budget")."""
+    timer = timer or _TIMER[0] or (lambda c, f, b: cuda_timer(c, f, b, problem.device))
+    share = budget_s / max(1, len(cands))
+    runner = make_runner(problem)
+    out = []
+    t0 = time.perf_counter()
+    try:
+        with torch.autocast(problem.device.type, enabled=False):
+            for i, cand in enumerate(cands):
+                if i >= 2 and time.perf_counter() - t0 >= budget_s:
+                    out.append((cand, None, "budget"))
+                    continue
+                ctx = configs.override(problem.kind, cand.tile) if cand.tile is not None else contextlib.nullcontext()
+                try:
+                    with ctx:
+                        ms = float(timer(cand, runner.fn(cand), share))
+                    out.append((cand, ms, ""))
+                except Exception as exc:  # noqa: BLE001 - a tile that does not launch here is not a candidate
+                    if _is_oom(exc):
+                        raise
+                    out.append((cand, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+    finally:
+        runner.close()
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in str(exc).lower()
+
+
+def tile_tuple(t: Optional[TileConfig]) -> Optional[list]:
+    return None if t is None else [t.block_m, t.block_j, t.block_i, t.num_warps, t.num_stages, t.split]
+
+
+def tune(problem: Problem, target=None, *, timer: Optional[Timer] = None, budget_s: float = PER_SHAPE_S,
+         max_alternatives: int = MAX_ALTERNATIVES, make_runner=PhaseRunner) -> dict:
+    """Measure the candidates of ``problem`` and return its entry (what the cache stores)."""
+    J, I = product_dims(problem.phase, problem.N, problem.K)
+    cands = candidates(problem.kind, problem.M, J, I, target, max_alternatives)
+    t0 = time.perf_counter()
+    results = measure(problem, cands, target, timer=timer, budget_s=budget_s, make_runner=make_runner)
+    seconds = time.perf_counter() - t0
+    best, best_ms = fastest([(c, t) for c, t, _ in results])
+    fused = [(c, t) for c, t, _ in results if c.strategy == "fused"]
+    try:
+        best_fused = fastest(fused)[0]
+    except ValueError:
+        best_fused = None
+    entry = {
+        "strategy": best.strategy,
+        "pick": best.name,
+        "fused_tile": tile_tuple(best_fused.tile) if best_fused is not None else None,
+        "us": {c.name: (None if t is None else round(t * 1e3, 3)) for c, t, _ in results},
+        "origin": {c.name: c.origin for c, _, _ in results if c.origin},
+        "errors": {c.name: err for c, _, err in results if err},
+        "m": problem.M, "rank": problem.rank, "dropout_p": problem.dropout_p,
+        "seconds": round(seconds, 3),
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    dq = entry["us"].get("dequant")
+    logger.info("fastlora: tuned %s in %.2f s: picked %s, %.1f µs (dequant+cuBLAS %s, %d candidates)",
+                problem.describe(), seconds, best.name, best_ms * 1e3,
+                "failed" if dq is None else f"{dq:.1f} µs", len(cands))
+    return entry
+
+
+# ----------------------------------------------------------------------------------------------
+# the op's side: which strategy a call runs
+# ----------------------------------------------------------------------------------------------
+
+_LOCK = threading.RLock()
+_PICKS: Dict[tuple, str] = {}           # per-call memo: (device index, M, N, K, w tag, phase, dtypes, p>0) -> strategy
+_CACHES: Dict[str, Cache] = {}          # file path -> Cache
+_RETUNED: set = set()                   # entries re-tuned under FASTLORA_TUNE=force in this process
+_SPENT = [0.0]                          # seconds spent tuning in this process
+_BUDGET_LOGGED = [False]
+_INSTALLED: Dict[tuple, TileConfig] = {}  # (target, kind, m_bucket, J, I) -> the tile this process put in force
+
+
+def reset() -> None:
+    """Forget everything this process learnt (memo, loaded files, mode, budget) and the tiles it
+    installed. Tests call it after changing the environment."""
+    with _LOCK:
+        _PICKS.clear()
+        _CACHES.clear()
+        _KEYS.clear()
+        _RETUNED.clear()
+        _WARNED.clear()
+        _SPENT[0] = 0.0
+        _BUDGET_LOGGED[0] = False
+        _MODE[0] = None
+        for (target, kind, M, J, I) in _INSTALLED:
+            configs.set_tuned(target, kind, M, J, I, None)
+        _INSTALLED.clear()
+
+
+def _interpreter_active() -> bool:
+    return _interpreter.interpreter_active()
+
+
+def static_reason(device) -> Optional[str]:
+    """Why a call on ``device`` cannot tune now (None: it can)."""
+    if mode() == "0":
+        return "FASTLORA_TUNE=0"
+    if torch.device(device).type not in _DEVICE_TYPES:
+        return "not a CUDA device"
+    if _interpreter_active():
+        return "Triton's CPU interpreter"
+    if torch.compiler.is_compiling():
+        return "inside a torch.compile trace"
+    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "during CUDA graph capture"
+    if _SPENT[0] >= PER_PROCESS_S:
+        return "the process's tuning budget is spent"
+    return None
+
+
+_KEYS: Dict[str, dict] = {}
+
+
+def cache_for(device) -> Cache:
+    """The loaded cache of ``device`` (its file read once per process)."""
+    key = _KEYS.get(str(device))
+    if key is None:
+        key = _KEYS[str(device)] = device_key(device)
+    path = cache_path(key)
+    c = _CACHES.get(str(path))
+    if c is None or c.key != key:
+        c = _CACHES[str(path)] = Cache(path, key)
+    return c
+
+
+def _install(problem: Problem, entry: dict, target) -> None:
+    """Put the entry's fused tile in force for the problem's fused product (``configs.select``)."""
+    if target is None or entry.get("fused_tile") is None:
+        return
+    J, I = product_dims(problem.phase, problem.N, problem.K)
+    tile = TileConfig(*entry["fused_tile"])
+    key = (target, problem.kind, configs.m_bucket(problem.M), J, I)
+    if _INSTALLED.get(key) != tile:       # set_tuned makes every cached launch plan stale: only on a change
+        configs.set_tuned(*key, tile)
+        _INSTALLED[key] = tile
+
+
+def entry_for(problem: Problem, *, tune_missing: bool, timer: Optional[Timer] = None,
+              budget_s: Optional[float] = None) -> Optional[dict]:
+    """The problem's entry: from the device's cache file, else measured now (when ``tune_missing``)
+    and written there. Installs its fused tile. None when neither."""
+    with _LOCK:
+        target = launch_target(problem.device) if problem.device.type == "cuda" else None
+        cache = cache_for(problem.device)
+        ekey = problem.key
+        e = cache.get(ekey)
+        force = mode() == "force" and ekey not in _RETUNED
+        if e is not None and not force:
+            _install(problem, e, target)
+            return e
+        if not tune_missing:
+            return None
+        t0 = time.perf_counter()
+        try:
+            e = tune(problem, target, timer=timer,
+                     budget_s=PER_SHAPE_S if budget_s is None else budget_s)
+        finally:
+            _SPENT[0] += time.perf_counter() - t0
+        _RETUNED.add(ekey)
+        cache.put(ekey, e)
+        _install(problem, e, target)
+        return e
+
+
+def _phase_times(e: dict) -> Dict[str, float]:
+    """The fastest time (µs) of each strategy in an entry."""
+    best: Dict[str, float] = {}
+    for name, us in e.get("us", {}).items():
+        if us is None:
+            continue
+        s = "dequant" if name == "dequant" else "fused"
+        best[s] = min(best.get(s, math.inf), us)
+    return best
+
+
+def _default_compute_dtype(w, device) -> torch.dtype:
+    if not isinstance(w, Packed4bit):
+        return w.dtype
+    if w.dtype is not None:
+        return w.dtype
+    t = launch_target(device) if device.type == "cuda" else None
+    return torch.bfloat16 if t is None or t.has_bf16 else torch.float16
+
+
+def pick(M: int, N: int, K: int, w, device, static: Callable[..., str], phase: Optional[str] = None,
+         compute_dtype: Optional[torch.dtype] = None, dropout: Optional[bool] = None,
+         x_dtype: Optional[torch.dtype] = None, lora_dtype: Optional[torch.dtype] = None,
+         rank: Optional[int] = None) -> str:
+    """The strategy of one call that asked for "auto": the measured pick of its entry, else
+    ``static()`` (the tables' rule). What the call does not say is assumed: the compute dtype is
+    bitsandbytes' (or the dense weight's), x and the adapter products in it (bf16 autocast, the QLoRA
+    recipe), dropout off. ``static(M, N, K, quantized, device)`` is the tables' rule
+    (``ops.choose_strategy``). Without a ``phase`` both phases' entries are used and the strategy with the
+    smaller forward + backward time is the pick (one strategy serves both calls then)."""
+    memo = (device.index, M, N, K, w.blocksize if isinstance(w, Packed4bit) else w.dtype, phase,
+            compute_dtype, dropout, x_dtype, lora_dtype)
+    got = _PICKS.get(memo)
+    if got is not None:
+        return got
+    return _pick_slow(memo, M, N, K, w, device, static, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank)
+
+
+def _pick_slow(memo, M, N, K, w, device, static_rule, phase, compute_dtype, dropout, x_dtype, lora_dtype,
+               rank) -> str:
+    def static():
+        return static_rule(M, N, K, isinstance(w, Packed4bit), device)
+
+    with _LOCK:
+        got = _PICKS.get(memo)
+        if got is not None:
+            return got
+        why = static_reason(device)
+        if why == "FASTLORA_TUNE=0" or why == "not a CUDA device":
+            s = _PICKS[memo] = static()      # stays true for the process
+            return s
+        cd = compute_dtype or _default_compute_dtype(w, device)
+        problems = [Problem(ph, w, M, x_dtype or cd, cd, lora_dtype or cd,
+                            DEFAULT_DROPOUT_P if dropout else 0.0, rank or DEFAULT_RANK)
+                    for ph in ((phase,) if phase else PHASES)]
+        tune_now = why is None
+        try:
+            entries = [entry_for(p, tune_missing=tune_now) for p in problems]
+        except Exception as exc:  # noqa: BLE001 - tuning must never break a training step
+            if not _is_oom(exc):
+                logger.warning("fastlora: tuning %s failed (%s: %s); the static tables stay in use",
+                               problems[0].describe(), type(exc).__name__, exc)
+            else:
+                logger.warning("fastlora: tuning %s ran out of memory; the static tables stay in use",
+                               problems[0].describe())
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            entries = [None]
+        if any(e is None for e in entries):
+            if why == "the process's tuning budget is spent" and not _BUDGET_LOGGED[0]:
+                _BUDGET_LOGGED[0] = True
+                logger.info("fastlora: the tuning budget of %.0f s is spent; shapes not tuned yet keep the static "
+                            "tables in this process and are tuned in the next", PER_PROCESS_S)
+            s = static()
+            if why == "the process's tuning budget is spent" or tune_now:
+                _PICKS[memo] = s             # a failed or budget-less shape: do not retry every call
+            return s                         # compile trace / graph capture: the next eager call tunes
+        if len(entries) == 1:
+            s = entries[0]["strategy"]
+        else:
+            totals = {st: sum(_phase_times(e).get(st, math.inf) for e in entries) for st in STRATEGIES}
+            s = min(STRATEGIES, key=lambda st: (totals[st], STRATEGIES.index(st)))
+            if not math.isfinite(totals[s]):
+                s = static()
+        _PICKS[memo] = s
+        return s
+
+
+# ----------------------------------------------------------------------------------------------
+# a model's projection shapes, and `fastlora tune`
+# ----------------------------------------------------------------------------------------------
+
+# a few configs by name (no download): the fields of their config.json that decide the projections
+MODELS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "mistral-7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8),
+    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4),
+}
+
+
+def _read_config(spec: str) -> dict:
+    if spec.lower() in MODELS:
+        return dict(MODELS[spec.lower()])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{spec!r} is neither a built-in config ({', '.join(MODELS)}) nor a local config.json "
+                         "(or a folder holding one); fastlora downloads nothing")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a JSON config ({exc})") from None
+    return cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def projection_shapes(spec: str) -> List[Tuple[str, int, int]]:
+    """[(projection names, N, K)] of a Llama-style decoder (q, k, v, o, gate, up, down; W is [N, K] =
+    [out_features, in_features]), identical shapes merged ("k_proj,v_proj")."""
+    cfg = _read_config(spec)
+    try:
+        h, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
+        heads = int(cfg["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{spec}: the config lacks {exc} (needs hidden_size, intermediate_size, "
+                         "num_attention_heads)") from None
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hd = int(cfg.get("head_dim") or h // heads)
+    shapes: Dict[Tuple[int, int], List[str]] = {}
+    for name, N, K in (("q_proj", heads * hd, h), ("k_proj", kv * hd, h), ("v_proj", kv * hd, h),
+                       ("o_proj", h, heads * hd), ("gate_proj", inter, h), ("up_proj", inter, h),
+                       ("down_proj", h, inter)):
+        shapes.setdefault((N, K), []).append(name)
+    return [(",".join(names), N, K) for (N, K), names in shapes.items()]
+
+
+def _parse_shapes(text: str) -> List[Tuple[str, int, int]]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            n, k = (int(v) for v in item.split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes takes NxK pairs (out_features x in_features), got {item!r}") from None
+        out.append((f"{n}x{k}", n, k))
+    return out
+
+
+def tune_shapes(shapes, Ms, device, *, r: int = 16, dropout_p: float = DEFAULT_DROPOUT_P, phases=PHASES,
+                peft: bool = True, force: bool = False, timer: Optional[Timer] = None,
+                budget_s: float = PER_SHAPE_S) -> List[dict]:
+    """Tune (or read from the cache) every (shape, M, phase) on ``device``: one row each, with the
+    candidates' µs, the pick, and its speedup over dequant+cuBLAS and over PEFT's layer (the same
+    phase of PEFT's LoRA Linear4bit over bitsandbytes, adapters in bf16 under autocast)."""
+    from .check import Layer
+
+    device = torch.device(device)
+    rows = []
+    for names, N, K in shapes:
+        layer = Layer(N, K, r, quantized=True, device=device, dropout=dropout_p, bias=False, seed=0)
+        layer.model.train()
+        for M in Ms:
+            peft_us = _peft_us(layer, M, dropout_p, budget_s, timer) if peft else {}
+            for phase in phases:
+                problem = Problem(phase, layer.weight, M, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                                  dropout_p, r)
+                if force:
+                    cache_for(device).entries.pop(problem.key, None)
+                e = entry_for(problem, tune_missing=True, timer=timer, budget_s=budget_s)
+                pick_us = e["us"].get(e["pick"])
+                dq = e["us"].get("dequant")
+                rows.append({"proj": names, "N": N, "K": K, "phase": phase, "M": M, "m_bucket": configs.m_bucket(M),
+                             "us": e["us"], "origin": e.get("origin", {}), "pick": e["pick"],
+                             "strategy": e["strategy"], "pick_us": pick_us, "peft_us": peft_us.get(phase),
+                             "vs_dequant": round(dq / pick_us, 3) if dq and pick_us else None,
+                             "vs_peft": round(peft_us[phase] / pick_us, 3) if peft_us.get(phase) and pick_us else None,
+                             "seconds": e.get("seconds")})
+        del layer
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _peft_us(layer, M: int, p: float, budget_s: float, timer: Optional[Timer]) -> Dict[str, float]:
+    """µs of PEFT's layer per phase, timed as the candidates are (forward without a graph, backward as
+    autograd.grad over a retained one)."""
+    timer = timer or _TIMER[0] or (lambda c, f, b: cuda_timer(c, f, b, layer.device))
+    g = torch.Generator(device=layer.device).manual_seed(1)
+    x = torch.randn(M, layer.K, generator=g, device=layer.device).to(torch.bfloat16).requires_grad_()
+    dy = (torch.randn(M, layer.N, generator=g, device=layer.device) * 0.1).to(torch.bfloat16)
+    peft = Candidate("peft")
+
+    def fwd():
+        with torch.no_grad(), torch.autocast(layer.device.type, dtype=torch.bfloat16):
+            return layer.model(x)
+
+    with torch.autocast(layer.device.type, dtype=torch.bfloat16):
+        y = layer.model(x)
+    leaves = [x, layer.A, layer.B]
+    out = {"forward": timer(peft, fwd, budget_s / 2) * 1e3,
+           "backward": timer(peft, lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), budget_s / 2) * 1e3}
+    del y
+    return out
+
+
+def format_rows(rows: List[dict]) -> str:
+    lines = [f"{'shape':28s} {'phase':8s} {'M<=':>6s} {'PEFT µs':>9s}  candidates (µs)",
+             f"{'':28s} {'':8s} {'':>6s} {'':>9s}  -> pick, x dequant+cuBLAS, x PEFT"]
+    for r in rows:
+        cands = "  ".join(f"{name}{' [' + r['origin'][name] + ']' if name in r['origin'] else ''}="
+                          f"{'-' if us is None else f'{us:.1f}'}" for name, us in r["us"].items())
+        peft = "-" if r["peft_us"] is None else f"{r['peft_us']:.1f}"
+        lines.append(f"{r['proj'] + ' ' + str(r['N']) + 'x' + str(r['K']):28s} {r['phase']:8s} {r['m_bucket']:6d} "
+                     f"{peft:>9s}  {cands}")
+        xd = "-" if r["vs_dequant"] is None else f"{r['vs_dequant']:.2f}x"
+        xp = "-" if r["vs_peft"] is None else f"{r['vs_peft']:.2f}x"
+        lines.append(f"{'':28s} {'':8s} {'':6s} {'':9s}  -> {r['pick']}, {xd}, {xp}")
+    return "\n".join(lines)
+
+
+def _dry_run(shapes, Ms, arch: str, phases) -> str:
+    """The candidates each entry would time on ``arch`` (no GPU needed), and the launches that takes."""
+    from .kernels.targets import get_target
+
+    target = get_target(arch)
+    lines = [f"{'shape':28s} {'phase':8s} {'M<=':>6s}  candidates on {target.name} ({target.gpu})"]
+    total = 0
+    for names, N, K in shapes:
+        for M in Ms:
+            for phase in phases:
+                J, I = product_dims(phase, N, K)
+                cands = candidates("frozen4", configs.m_bucket(M), J, I, target)
+                total += len(cands)
+                lines.append(f"{names + ' ' + str(N) + 'x' + str(K):28s} {phase:8s} {configs.m_bucket(M):6d}  "
+                             + ", ".join(c.name for c in cands))
+    lines.append(f"{total} candidates in all; an entry's about {PER_SHAPE_S:.1f} s of measuring is shared by its "
+                 f"candidates ({MIN_REPS}-{MAX_REPS} timed calls each, after 2 untimed ones)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="fastlora tune",
+        description="Pre-tune fastlora on this GPU: time dequant+cuBLAS and the fused kernel's tiles for every "
+                    "projection shape of a model, keep the fastest in the per-device cache "
+                    f"({cache_dir()}), print what was measured.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help=f"a built-in config ({', '.join(MODELS)}; default llama3-8b) or a local config.json / folder")
+    src.add_argument("--shapes", default=None, help="NxK pairs (out_features x in_features), e.g. 4096x4096,1024x4096")
+    ap.add_argument("--m", default="1,16,512,2048,8192", help="token counts M = batch x sequence; each entry is "
+                    "measured at M and serves M's bucket (M rounded up to a power of two)")
+    ap.add_argument("--r", type=int, default=16, help="LoRA rank of the timed layer")
+    ap.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT_P, help="LoRA dropout (0 tunes the entries "
+                    "without dropout)")
+    ap.add_argument("--phases", default="forward,backward", help="which products: forward (X·Wᵀ), backward (dY·W)")
+    ap.add_argument("--force", action="store_true", help="re-tune entries already in the cache")
+    ap.add_argument("--no-peft", action="store_true", help="do not time PEFT's layer")
+    ap.add_argument("--budget", type=float, default=PER_SHAPE_S, help="seconds of measuring per entry")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--dry-run", action="store_true", help="list the candidates for --arch without a GPU")
+    ap.add_argument("--arch", default="sm_90", help="the GPU target of --dry-run")
+    args = ap.parse_args(argv)
+    try:
+        shapes = _parse_shapes(args.shapes) if args.shapes else projection_shapes(args.model or "llama3-8b")
+        Ms = [int(v) for v in args.m.split(",") if v.strip()]
+        phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+        for p in phases:
+            product_dims(p, 1, 1)
+    except ValueError as exc:
+        print(f"fastlora tune: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(_dry_run(shapes, Ms, args.arch, phases))
+        return 0
+    if not torch.cuda.is_available() or _interpreter_active():
+        print("fastlora tune: tuning needs a CUDA GPU (none is available here, or TRITON_INTERPRET=1 is set); "
+              "fastlora keeps its static tables. `fastlora tune --dry-run` lists what would be timed.",
+              file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda", torch.cuda.current_device())
+    t0 = time.perf_counter()
+    rows = tune_shapes(shapes, Ms, device, r=args.r, dropout_p=args.dropout, phases=phases, peft=not args.no_peft,
+                       force=args.force, budget_s=args.budget)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(format_rows(rows))
+        print(f"{len(rows)} entries in {time.perf_counter() - t0:.1f} s; cache {cache_for(device).path}")
+    return 0
+
+
+if __name__ == "__main__":
+    # run through the package's module, so that the op and this command share one tuning state
+    from fastlora.tuning import main as _main
+
+    sys.exit(_main())

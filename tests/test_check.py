@@ -1,0 +1,145 @@
+"""`fastlora check`: the command end to end on this machine, its tolerance rule, and that it fails
+when the numbers are wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICE, ON_GPU, assert_within_rule
+
+from fastlora import check
+from fastlora.kernels.lora_matmul import dropout_keep_mask
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """`fastlora check --json --out DIR`, as a user runs it (its own process; on a CPU the command
+    sets TRITON_INTERPRET=1 itself)."""
+    out = tmp_path_factory.mktemp("check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTLORA_CACHE_DIR"] = str(out / "cache")
+    r = subprocess.run([sys.executable, "-m", "fastlora", "check", "--json", "--out", str(out), "--m", "16"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stdout[-2000:]
+    return json.loads(lines[0]), out
+
+
+def test_check_json(report):
+    rep, _ = report
+    assert {"device", "versions", "numerics", "speed", "verdict"} <= set(rep)
+    assert rep["versions"]["torch"] == torch.__version__
+    cases = rep["numerics"]
+    # 4-bit and dense, fp32 and bf16 adapters, dropout off and on, two strategies, four products
+    assert len(cases) == 2 * 2 * 2 * 2 * 4
+    assert len({c["name"] for c in cases}) == len(cases)
+    for c in cases:
+        assert c["passed"] is True, c
+        assert 0.0 <= c["max_rel_err"] < 0.05, c
+    assert {c["strategy"] for c in cases} == {"fused", "dequant"}
+    assert {c["product"] for c in cases} == {"Y", "dX", "dA", "dB"}
+    assert {c["dropout"] > 0 for c in cases} == {False, True} and {c["base"] for c in cases} == {"nf4", "bfloat16"}
+    assert rep["passed"] is True and rep["verdict"].startswith("verdict: PASS")
+    if ON_GPU:
+        assert rep["speed_measured"] and rep["speed"]
+        assert {r["provider"] for r in rep["speed"]} == set(check.PROVIDERS)
+    else:
+        assert rep["speed"] == [] and rep["speed_measured"] is False
+        assert rep["device"]["type"] == "cpu" and rep["device"]["triton_interpret"] is True
+        assert "speed not measured (no GPU)" in rep["verdict"]
+        assert check.NOT_MEASURED in check._table(rep).splitlines()
+        assert "speed: not measured (no GPU)" == check.NOT_MEASURED
+
+
+def test_check_out_is_a_benchmark_record(report):
+    rep, out = report
+    lines = (out / "check.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    for field in ("schema", "bench", "timestamp", "device", "device_name", "versions", "fastlora",
+                  "performance_claim", "smoke", "config", "metrics", "formulas", "status"):
+        assert field in rec, field
+    assert rec["bench"] == "check" and rec["status"] == "ok"
+    assert rec["performance_claim"] is ON_GPU
+    assert rec["metrics"]["numerics"] == rep["numerics"] and rec["metrics"]["verdict"] == rep["verdict"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rule_is_the_tests_rule(seed):
+    """check's rule and the tests' assert_within_rule agree, on both sides of the bound."""
+    g = torch.Generator().manual_seed(seed)
+    exact = torch.randn(40, 30, generator=g, dtype=torch.float64) * 3
+    lowp = exact.to(torch.bfloat16)
+    for k in (0.5, 1.9, 2.1, 4.0):
+        out = exact + k * (lowp.double() - exact)
+        worst, bound, _, _ = check.rule_error(out, exact, lowp)
+        try:
+            assert_within_rule("x", out, exact, lowp)
+            tests_pass = True
+        except AssertionError:
+            tests_pass = False
+        assert (worst <= bound) == tests_pass == (k <= 2.0), (k, worst, bound)
+    bad = exact.clone()
+    bad[3, 4] = float("nan")
+    assert check.rule_error(bad, exact, lowp)[0] == float("inf")
+
+
+def test_wrong_numbers_fail_the_check(monkeypatch):
+    """A fastlora whose Y is 2% off: every Y case fails, the other products pass, the verdict fails."""
+    if ON_GPU:
+        pytest.skip("the CPU run checks the failure path")
+
+    def off_by_2_percent(self, x, dy, p, strategy, lora_dtype=None):
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], p, check.SEED, x.device) if p > 0 else None
+        y, dx, dA, dB = self.peft(x, dy, keep, p)
+        return y * 1.02, dx, dA, dB
+
+    monkeypatch.setattr(check.Layer, "fastlora", off_by_2_percent)
+    cases = check.numerics("cpu")
+    assert {c["product"] for c in cases if not c["passed"]} == {"Y"}
+    assert all(not c["passed"] for c in cases if c["product"] == "Y")
+    line, ok = check.verdict(cases, [], measured=False)
+    assert not ok and line.startswith("verdict: FAIL") and "numerics FAILED (16/64" in line
+
+
+def test_speed_verdict():
+    cases = [{"name": "c", "passed": True, "max_rel_err": 1e-3}]
+    rows = [{"provider": "auto", "proj": "q_proj", "M": 16, "vs_peft_forward+backward": 1.8},
+            {"provider": "auto", "proj": "down_proj", "M": 2048, "vs_peft_forward+backward": 1.02}]
+    line, ok = check.verdict(cases, rows, measured=True)
+    assert ok and "1.02-1.80x" in line
+    rows[1]["vs_peft_forward+backward"] = 0.9          # 10% slower than PEFT: beyond the 5% of noise
+    line, ok = check.verdict(cases, rows, measured=True)
+    assert not ok and "down_proj M=2048 (0.90x)" in line
+    line, ok = check.verdict(cases, [], measured=True)
+    assert not ok
+
+
+def test_speed_rows_and_table(monkeypatch):
+    """The GPU's speed table, driven on this machine with a timer that runs each call once: every
+    provider and mode is called, rows carry the ratios to PEFT, and the table prints them."""
+    calls = []
+
+    def timer(cand, fn, budget_s, device=None):
+        out = fn()
+        assert out is not None
+        calls.append(fn)
+        return 1e-3
+
+    monkeypatch.setattr(check.tuning, "cuda_timer", timer)
+    rows = check.speed(DEVICE, [("q_proj", 48, 64)], [5], r=4)
+    assert [r["provider"] for r in rows] == list(check.PROVIDERS) and len(calls) == 4 * 3
+    for r in rows:
+        assert r["M"] == 5 and r["m_bucket"] == 8 and {f"{m}_us" for m in check.MODES} <= set(r)
+        assert all(r[f"vs_peft_{m}"] == 1.0 for m in check.MODES)     # the timer makes them equal
+    assert rows[-1]["auto_strategy"] in ("fused", "dequant")
+    rep = {"device": {"name": "gpu", "type": "cuda"}, "versions": {"torch": "t", "triton": "t", "fastlora": "f"},
+           "numerics": [], "speed": rows, "speed_measured": True, "verdict": "verdict: PASS"}
+    text = check._table(rep)
+    assert "q_proj 48x64" in text and "auto (" in text and check.NOT_MEASURED not in text

@@ -1,0 +1,588 @@
+"""Measured selection (fastlora.tuning): the pick, the cache file, when tuning may run, `fastlora tune`.
+
+On a CPU nothing can be timed, so an injected timer stands in for CUDA events: it returns the times
+a test sets per candidate (and, where a test says so, runs the candidate once, so the op's real
+phases run in Triton's interpreter). The GPU test at the end times real candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import warnings
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from helpers import DEVICE, ON_GPU
+
+from fastlora import ops, tuning
+from fastlora.format import from_bnb
+from fastlora.kernels import configs
+from fastlora.kernels.configs import TileConfig
+from fastlora.kernels.targets import get_target
+
+SM90 = get_target("sm_90")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    """Every test starts with no tuning state, its own cache folder and the default mode."""
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTLORA_TUNE", raising=False)
+    tuning.reset()
+    yield
+    tuning.set_timer(None)
+    tuning.reset()
+
+
+def _packed(N=96, K=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(torch.bfloat16).to(DEVICE)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    return from_bnb(packed, qs)
+
+
+def _problem(phase="forward", M=40, **kw):
+    return tuning.Problem(phase, _packed(), M, torch.bfloat16, torch.bfloat16, torch.bfloat16, **kw)
+
+
+class _NoRun:
+    """A runner whose calls do nothing (the timer decides the times)."""
+
+    def __init__(self, problem):
+        pass
+
+    def fn(self, candidate):
+        return lambda: None
+
+    def close(self):
+        pass
+
+
+def _timer_from(times_us, calls=None, run=False):
+    """A timer answering ``times_us[candidate name]`` (µs; a name missing: 1000 µs), optionally running
+    the candidate once; records the names it was asked for."""
+    def timer(cand, fn, budget_s):
+        if calls is not None:
+            calls.append(cand.name)
+        if run:
+            fn()
+        return times_us.get(cand.name, 1000.0) * 1e-3
+    return timer
+
+
+# ----------------------------------------------------------------------------------------------
+# candidates and the pick
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("M", [1, 16, 512, 8192])
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_candidates(M, phase):
+    """dequant first, then the static table's tile exactly as configs.select narrows it (the fallback
+    is always among the candidates), then distinct alternatives of the same kind."""
+    N, K = 1024, 4096
+    J, I = tuning.product_dims(phase, N, K)
+    cands = tuning.candidates("frozen4", M, J, I, SM90)
+    assert cands[0].strategy == "dequant" and cands[0].tile is None
+    assert cands[1] == tuning.Candidate("fused", configs.select("frozen4", M, J, I, SM90), "table")
+    tiles = [c.tile for c in cands[1:]]
+    assert len(tiles) == len(set(tiles)) == 1 + tuning.MAX_ALTERNATIVES, [c.name for c in cands]
+    rows = {cfg for _, cfg in configs.TABLES["sm_90"]["frozen4"]}
+    for c in cands[2:]:
+        assert c.strategy == "fused" and c.origin
+        # narrowed like select(): no tile wider than the problem (beyond 16), BLOCK_I as the table's
+        assert c.tile.block_m <= max(16, 1 << (M - 1).bit_length())
+        assert c.tile.block_i in {cfg.block_i for cfg in rows}
+    assert len({c.name for c in cands}) == len(cands)
+
+
+def test_pick_is_the_fastest():
+    p = _problem()
+    names = [c.name for c in tuning.candidates(p.kind, p.M, p.N, p.K, SM90)]
+    times = {n: 100.0 + 10 * i for i, n in enumerate(names)}
+    times[names[3]] = 42.0                         # an alternative tile
+    e = tuning.tune(p, SM90, timer=_timer_from(times), make_runner=_NoRun)
+    assert e["pick"] == names[3] and e["strategy"] == "fused"
+    assert e["fused_tile"] == tuning.tile_tuple(tuning.candidates(p.kind, p.M, p.N, p.K, SM90)[3].tile)
+    assert e["us"] == pytest.approx({n: times[n] for n in names})
+    times["dequant"] = 41.0                        # now cuBLAS wins; the best fused tile is still kept
+    e = tuning.tune(p, SM90, timer=_timer_from(times), make_runner=_NoRun)
+    assert e["pick"] == "dequant" and e["strategy"] == "dequant"
+    assert e["fused_tile"] == tuning.tile_tuple(tuning.candidates(p.kind, p.M, p.N, p.K, SM90)[3].tile)
+
+
+def test_ties_go_to_the_earlier_candidate_every_time():
+    p = _problem(M=512)
+    cands = tuning.candidates(p.kind, p.M, p.N, p.K, SM90)
+    same = {c.name: 50.0 for c in cands}
+    picks = {tuning.tune(p, SM90, timer=_timer_from(same), make_runner=_NoRun)["pick"] for _ in range(5)}
+    assert picks == {"dequant"}
+    later = {c.name: 50.0 for c in cands}
+    later["dequant"] = 60.0
+    later[cands[1].name] = 60.0                    # alternatives 2.. tie: the first of them
+    assert tuning.tune(p, SM90, timer=_timer_from(later), make_runner=_NoRun)["pick"] == cands[2].name
+    # fastest() itself: failed (None) and non-finite times never win; order breaks ties
+    a, b, c = cands[:3]
+    assert tuning.fastest([(a, None), (b, 2.0), (c, 2.0)])[0] == b
+    assert tuning.fastest([(a, math.nan), (b, 3.0), (c, 1.0)])[0] == c
+    with pytest.raises(ValueError):
+        tuning.fastest([(a, None)])
+
+
+def test_a_candidate_that_fails_is_skipped_and_the_budget_bounds_the_alternatives():
+    p = _problem()
+    cands = tuning.candidates(p.kind, p.M, p.N, p.K, SM90)
+
+    def timer(cand, fn, budget_s):
+        if cand.name == cands[1].name:
+            raise RuntimeError("out of resource: shared memory, Required: 300000")
+        return 1e-3 * (5.0 if cand.name == cands[2].name else 9.0)
+
+    e = tuning.tune(p, SM90, timer=timer, make_runner=_NoRun)
+    assert e["us"][cands[1].name] is None and "shared memory" in e["errors"][cands[1].name]
+    assert e["pick"] == cands[2].name
+    # no time left: dequant and the table's tile only
+    calls = []
+    e = tuning.tune(p, SM90, timer=_timer_from({}, calls), make_runner=_NoRun, budget_s=0.0)
+    assert calls == [cands[0].name, cands[1].name]
+    assert all(e["errors"][c.name] == "budget" for c in cands[2:])
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_the_timed_calls_run_the_op(phase):
+    """The runner's calls are the op's phase with the candidate's strategy: run each once (the
+    interpreter's tiles, no target) and check what they return."""
+    p = _problem(phase, M=5, dropout_p=0.1, rank=4)
+    ran = {}
+
+    def timer(cand, fn, budget_s):
+        ran[cand.name] = fn()
+        return 1e-3
+    e = tuning.tune(p, None, timer=timer)
+    assert e["pick"] == "dequant"                  # equal times: the first candidate
+    assert list(ran) == [c.name for c in tuning.candidates(p.kind, p.M, p.N, p.K, None)]
+    assert list(ran) == ["dequant", "fused 16x64x64 w4 s1 k1"]
+    outs = list(ran.values())
+    if phase == "forward":
+        assert outs[0].shape == (5, 96) and torch.isfinite(outs[0]).all()
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02)
+    else:   # (dX, dA, dB)
+        assert [tuple(g.shape) for g in outs[0]] == [(5, 128), (4, 128), (96, 4)]
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache file
+# ----------------------------------------------------------------------------------------------
+
+
+def _key(**changes):
+    key = {"device": "NVIDIA H100 80GB HBM3", "cc": "9.0", "sms": 132, "driver": "13.0", "cuda": "13.0",
+           "torch": "2.11.0", "triton": "3.6.0", "fastlora": "0.1.0", "fastlora_kernels_sha256": "ab" * 32}
+    key.update(changes)
+    return key
+
+
+ENTRY = {"strategy": "fused", "pick": "fused 16x128x128 w4 s1 k32", "fused_tile": [16, 128, 128, 4, 1, 32],
+         "us": {"dequant": 80.0, "fused 16x128x128 w4 s1 k32": 41.5}}
+
+
+def test_cache_round_trip(tmp_path):
+    path = tuning.cache_path(_key(), tmp_path)
+    assert path.name == "nvidia-h100-80gb-hbm3-sm90.json"
+    c = tuning.Cache(path, _key())
+    assert c.get("k") is None
+    assert c.put("k", ENTRY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # reading our own file warns about nothing
+        again = tuning.Cache(path, _key())
+    assert again.get("k") == ENTRY
+    data = json.loads(path.read_text())
+    assert data["key"] == _key() and data["format"] == "fastlora-tuning" and data["entries"] == {"k": ENTRY}
+    # nothing but the file and its lock in the folder (the temporary file was renamed over it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]
+
+
+@pytest.mark.parametrize("change", [dict(torch="2.12.0"), dict(triton="3.7.0"), dict(fastlora="0.2.0"),
+                                    dict(driver="13.1"), dict(sms=114), dict(fastlora_kernels_sha256="cd" * 32)])
+def test_a_version_change_invalidates(tmp_path, change):
+    path = tuning.cache_path(_key(), tmp_path)
+    tuning.Cache(path, _key()).put("k", ENTRY)
+    with pytest.warns(RuntimeWarning, match="foreign") as rec:
+        new = tuning.Cache(path, _key(**change))
+    assert len(rec) == 1 and list(change)[0] in str(rec[0].message)
+    assert new.get("k") is None
+    new.put("k2", dict(ENTRY, strategy="dequant", pick="dequant"))
+    data = json.loads(path.read_text())
+    assert data["key"] == _key(**change) and list(data["entries"]) == ["k2"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": "fastlora-tuning", "entries": 3}', ""])
+def test_a_corrupt_file_warns_once_is_ignored_then_rewritten(tmp_path, content):
+    path = tuning.cache_path(_key(), tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        c = tuning.Cache(path, _key())
+        c.load()
+        tuning.Cache(path, _key())
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "corrupt" in msgs[0], msgs
+    assert c.entries == {}
+    assert c.put("k", ENTRY)
+    assert tuning.Cache(path, _key()).get("k") == ENTRY
+
+
+def test_a_malformed_entry_is_dropped(tmp_path):
+    path = tuning.cache_path(_key(), tmp_path)
+    tuning.Cache(path, _key()).put("good", ENTRY)
+    data = json.loads(path.read_text())
+    data["entries"]["bad"] = {"strategy": "sometimes", "fused_tile": [1, 2]}
+    path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="malformed"):
+        c = tuning.Cache(path, _key())
+    assert set(c.entries) == {"good"}
+
+
+def _writer(path, key, tag, n, barrier):
+    c = tuning.Cache(path, key)
+    barrier.wait()
+    for i in range(n):
+        c.put(f"{tag}-{i}", dict(ENTRY, m=i))
+
+
+def test_two_processes_writing_at_once_leave_a_valid_file(tmp_path):
+    """Each writer merges with what is on disk under the lock: every entry of both survives."""
+    path = tuning.cache_path(_key(), tmp_path)
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    barrier = ctx.Barrier(2)
+    n = 25
+    procs = [ctx.Process(target=_writer, args=(path, _key(), tag, n, barrier)) for tag in ("a", "b")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # fork of a process with threads
+        for p in procs:
+            p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.loads(path.read_text())
+    assert data["key"] == _key()
+    assert sorted(data["entries"]) == sorted(f"{t}-{i}" for t in "ab" for i in range(n))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]
+
+
+def test_threads_writing_at_once(tmp_path):
+    import threading
+
+    path = tuning.cache_path(_key(), tmp_path)
+    c = tuning.Cache(path, _key())
+    threads = [threading.Thread(target=lambda t=t: [c.put(f"{t}-{i}", ENTRY) for i in range(20)]) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(json.loads(path.read_text())["entries"]) == 80
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTLORA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.cache_dir() == tmp_path / "xdg" / "fastlora"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tuning.cache_dir() == tuning.Path.home() / ".cache" / "fastlora"
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path / "mine"))
+    assert tuning.cache_dir() == tmp_path / "mine"
+
+
+# ----------------------------------------------------------------------------------------------
+# when tuning runs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cpu_tunable(monkeypatch):
+    """Let the CPU stand in for a CUDA device, and the interpreter not count, so the op's whole path
+    runs here (every other gate stays in force)."""
+    monkeypatch.setattr(tuning, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(tuning, "_interpreter_active", lambda: False)
+
+
+def _static(M, N, K, quantized, device):
+    return "fused"
+
+
+def _pick(w, M=40, **kw):
+    return tuning.pick(M, w.N, w.K, w, torch.device(DEVICE), _static, **kw)
+
+
+def test_the_first_call_tunes_then_one_lookup(cpu_tunable):
+    """The call that meets a new entry tunes both phases (the op does not say which one it is in),
+    writes the cache and picks the strategy of the shorter forward + backward; the next call with the
+    same shape, and a call at another M of the same bucket after a restart, read what was found."""
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
+    assert _pick(w) == "dequant"                   # the static rule says fused
+    assert calls.count("dequant") == 2             # forward and backward
+    n = len(calls)
+    assert _pick(w) == "dequant" and len(calls) == n
+    tuning.reset()                                 # a new process: the file answers
+    tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
+    assert _pick(w, M=33) == "dequant" and len(calls) == n
+    entries = json.loads(tuning.cache_for(torch.device(DEVICE)).path.read_text())["entries"]
+    assert sorted(k.split("|")[0] for k in entries) == ["backward", "forward"]
+    assert all("M<=64" in k for k in entries)
+    # another bucket is another entry
+    assert _pick(w, M=65) == "dequant" and len(calls) > n
+
+
+def test_phase_given_picks_per_phase(cpu_tunable):
+    w = _packed()
+    fwd_tile = tuning.candidates("frozen4", 40, 96, 128, ops.launch_target(w.device))[1].name
+    # the timer cannot tell phases apart by name; the second time dequant is asked for, it is slow
+    seen = []
+
+    def timer(cand, fn, budget_s):
+        seen.append(cand.name)
+        if cand.name == "dequant":
+            return 1e-3 * (10.0 if seen.count("dequant") == 1 else 90.0)
+        return 50e-3
+    tuning.set_timer(timer)
+    assert _pick(w, phase="forward") == "dequant"
+    assert _pick(w, phase="backward") == "fused"
+    assert fwd_tile in seen
+
+
+def test_fastlora_tune_0_uses_the_tables(cpu_tunable, monkeypatch):
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    tuning.reset()
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert _pick(w) == "fused" and calls == []
+    assert tuning.static_reason(DEVICE) == "FASTLORA_TUNE=0"
+    assert not (tuning.cache_dir()).exists()
+    # the same call with tuning on measures and picks otherwise (so the 0 above is what decided)
+    monkeypatch.setenv("FASTLORA_TUNE", "1")
+    tuning.reset()
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert _pick(w) == "dequant" and calls
+
+
+def test_force_retunes_once_per_process(cpu_tunable, monkeypatch):
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert _pick(w) == "dequant"
+    monkeypatch.setenv("FASTLORA_TUNE", "force")
+    tuning.reset()
+    calls.clear()
+    tuning.set_timer(_timer_from({"dequant": 2000.0}, calls))
+    assert _pick(w) == "fused" and calls.count("dequant") == 2
+    calls.clear()
+    assert _pick(w, M=50) == "fused" and calls == []       # re-tuned once, then read
+
+
+def test_mode_is_read_once(cpu_tunable, monkeypatch):
+    assert tuning.mode() == "1"
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    assert tuning.mode() == "1"                    # per-call code never reads the environment
+    tuning.reset()
+    assert tuning.mode() == "0"
+    monkeypatch.setenv("FASTLORA_TUNE", "sometimes")
+    tuning.reset()
+    with pytest.warns(RuntimeWarning, match="FASTLORA_TUNE"):
+        assert tuning.mode() == "1"
+
+
+def test_never_under_the_interpreter(monkeypatch):
+    """Tests run the kernels in Triton's interpreter: even with the CPU allowed, nothing is timed."""
+    monkeypatch.setattr(tuning, "_DEVICE_TYPES", ("cuda", "cpu"))
+    if ON_GPU:
+        pytest.skip("the kernels are compiled here")
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert tuning.static_reason(DEVICE) == "Triton's CPU interpreter"
+    assert _pick(_packed()) == "fused" and calls == []
+    assert not tuning.cache_dir().exists()
+
+
+def test_not_on_a_cpu_device():
+    assert tuning.static_reason("cpu") == "not a CUDA device"
+
+
+def test_never_inside_a_compile_trace_but_at_the_next_eager_call(cpu_tunable, monkeypatch):
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tuning.static_reason(DEVICE) == "inside a torch.compile trace"
+    assert _pick(w) == "fused" and calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert _pick(w) == "dequant" and calls       # not remembered from the trace: tuned now
+
+
+def test_the_op_resolves_its_strategy_outside_any_trace(monkeypatch):
+    """Under torch.compile the op is one opaque node: its strategy is resolved (and on a GPU tuned)
+    when the compiled graph runs it, never while Dynamo traces."""
+    seen = []
+
+    def spying(fn):
+        def spy(*args, **kw):
+            seen.append(torch.compiler.is_compiling())
+            return fn(*args, **kw)
+        return spy
+    # the static rule (a CPU's answer) and the measured pick (a GPU's; ops binds it at its first call)
+    monkeypatch.setattr(ops, "choose_strategy", spying(ops.choose_strategy))
+    monkeypatch.setattr(ops, "_tuning_pick", spying(tuning.pick), raising=False)
+    w = _packed(N=48, K=64)
+    A = torch.randn(4, 64, device=DEVICE)
+    B = torch.randn(48, 4, device=DEVICE)
+
+    def f(x):
+        return ops.lora_linear(x, w, A, B, 2.0, strategy="auto").sum()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(torch.randn(3, 64, device=DEVICE).to(torch.bfloat16))
+    assert torch.isfinite(out)
+    assert seen and not any(seen), seen
+
+
+def test_during_cuda_graph_capture(cpu_tunable, monkeypatch):
+    monkeypatch.setattr(tuning, "_DEVICE_TYPES", ("cuda",))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert tuning.static_reason(torch.device("cuda", 0)) == "during CUDA graph capture"
+
+
+def test_process_budget(cpu_tunable, monkeypatch):
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    monkeypatch.setattr(tuning, "PER_PROCESS_S", 0.0)
+    assert tuning.static_reason(DEVICE) == "the process's tuning budget is spent"
+    assert _pick(w) == "fused" and calls == []
+
+
+def test_a_failed_tuning_keeps_the_tables(cpu_tunable, caplog):
+    def timer(cand, fn, budget_s):
+        raise RuntimeError("CUDA error: unspecified launch failure")   # every candidate fails
+    tuning.set_timer(timer)
+    with caplog.at_level("WARNING", logger="fastlora.tuning"):
+        assert _pick(_packed()) == "fused"
+    assert "static tables stay in use" in caplog.text
+
+
+def test_the_op_asks_the_tuned_pick_on_cuda():
+    """ops._resolve on a CUDA device returns tuning's pick (here a remembered one, since nothing can
+    be tuned without a GPU), elsewhere the static rule; an explicit strategy is never replaced."""
+    w = _packed()
+    dev = torch.device("cuda", 0)
+    tuning._PICKS[(0, 40, w.N, w.K, w.blocksize, "forward", torch.bfloat16, True, None, None)] = "dequant"
+    assert ops.choose_strategy(40, w.N, w.K, True, torch.device("cpu")) == "fused"
+    assert ops._resolve("auto", 40, w.N, w.K, w, dev, "forward", torch.bfloat16, True) == "dequant"
+    assert ops._resolve("fused", 40, w.N, w.K, w, dev, "forward", torch.bfloat16, True) == "fused"
+    assert ops._resolve("auto", 40, w.N, w.K, w, torch.device("cpu"), "forward", torch.bfloat16, True) == "fused"
+
+
+def test_the_tuned_tile_is_installed(cpu_tunable, monkeypatch):
+    """On a GPU an entry's best fused tile is put in force for its product (configs.select)."""
+    w = _packed()
+    p = tuning.Problem("backward", w, 40, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+    J, I = tuning.product_dims("backward", w.N, w.K)
+    tile = TileConfig(16, 64, 64, 4, 1, 1)
+    tuning._install(p, {"strategy": "fused", "fused_tile": tuning.tile_tuple(tile)}, SM90)
+    assert configs.select("frozen4", 40, J, I, SM90) == TileConfig(16, 64, 64, 4, 1, 1)
+    assert configs.select("frozen4", 40, I, J, SM90) != configs.select("frozen4", 40, J, I, SM90)  # forward untouched
+    tuning.reset()
+    assert configs.select("frozen4", 40, J, I, SM90) == tuning.candidates("frozen4", 40, J, I, SM90)[1].tile
+
+
+# ----------------------------------------------------------------------------------------------
+# `fastlora tune`
+# ----------------------------------------------------------------------------------------------
+
+
+def test_projection_shapes(tmp_path):
+    assert tuning.projection_shapes("llama3-8b") == [("q_proj,o_proj", 4096, 4096), ("k_proj,v_proj", 1024, 4096),
+                                                     ("gate_proj,up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+    cfg = {"model_type": "llama", "hidden_size": 96, "intermediate_size": 200, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 32}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shapes = tuning.projection_shapes(str(tmp_path))
+    assert shapes == [("q_proj", 128, 96), ("k_proj,v_proj", 64, 96), ("o_proj", 96, 128),
+                      ("gate_proj,up_proj", 200, 96), ("down_proj", 96, 200)]
+    with pytest.raises(ValueError, match="downloads nothing"):
+        tuning.projection_shapes("meta-llama/Meta-Llama-3-8B")
+
+
+def test_tune_command_without_a_gpu():
+    if ON_GPU:
+        pytest.skip("a GPU is here")
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "fastlora", "tune", "--shapes", "64x64"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "tuning needs a CUDA GPU" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "fastlora", "tune", "--dry-run", "--model", "llama3-8b", "--m", "16,4096"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("down_proj 4096x14336" in ln for ln in lines) == 4     # 2 M x 2 phases
+    assert "dequant, fused 16x128x128 w4 s1 k32" in r.stdout       # sm_90's M <= 16 row
+    assert "96 candidates in all" in r.stdout                       # 16 entries x (dequant + table + 4)
+
+
+def test_tune_rows_with_injected_timer(cpu_tunable):
+    """tune_shapes on a CPU with an injected timer: one row per (shape, M, phase), the speedups from
+    the measured µs; and the table format."""
+    calls = []
+    times = {"dequant": 30.0, "peft": 60.0}
+    tuning.set_timer(_timer_from(times, calls))
+    rows = tuning.tune_shapes([("q_proj", 48, 64)], [5], DEVICE, r=4)
+    assert [r["phase"] for r in rows] == ["forward", "backward"]
+    for r in rows:
+        assert r["pick"] == "dequant" and r["vs_dequant"] == 1.0 and r["vs_peft"] == 2.0 and r["peft_us"] == 60.0
+    text = tuning.format_rows(rows)
+    assert "q_proj 48x64" in text and "-> dequant, 1.00x, 2.00x" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# on a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M,phase", [(16, "forward"), (2048, "backward")])
+def test_gpu_pick_is_within_5_percent_of_the_best_measured_again(M, phase):
+    import bitsandbytes as bnb
+
+    w16 = (torch.randn(4096, 4096, device="cuda") / 64).to(torch.bfloat16)
+    p4 = bnb.nn.Params4bit(w16, requires_grad=False, compress_statistics=True, quant_type="nf4").to("cuda")
+    w = from_bnb(p4, p4.quant_state)
+    prob = tuning.Problem(phase, w, M, torch.bfloat16, torch.bfloat16, torch.bfloat16, 0.05)
+    target = ops.launch_target(w.device)
+    e = tuning.tune(prob, target)
+    cands = {c.name: c for c in tuning.candidates(prob.kind, M, *tuning.product_dims(phase, 4096, 4096), target)}
+    again = dict((c.name, t) for c, t, _ in tuning.measure(prob, [cands[n] for n in e["us"] if e["us"][n] is not None],
+                                                          target, budget_s=3.0))
+    best = min(t for t in again.values() if t is not None)
+    assert again[e["pick"]] <= 1.05 * best, (e["pick"], again)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_first_call_tunes_and_writes_the_cache():
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    w = _packed(N=512, K=1024)
+    A = torch.randn(16, 1024, device="cuda") / 32
+    B = torch.randn(512, 16, device="cuda") / 4
+    y = ops.lora_linear(x, w, A, B, 2.0)
+    assert torch.isfinite(y).all()
+    entries = tuning.cache_for(x.device).entries
+    assert any(k.startswith("forward|frozen4|N=512|K=1024|M<=64") for k in entries), list(entries)
