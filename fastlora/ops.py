@@ -337,6 +337,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.w = w   # the module's own tensors, viewed; never a dequantized W
         ctx.cfg = (scaling, dropout_p, seed, compute_dtype, lora_dtype, strategy)
         ctx.mark_non_differentiable(h)
+        ctx.set_materialize_grads(False)   # no zeros launched for H's (unused) gradient
         return y, h
 
     @staticmethod
