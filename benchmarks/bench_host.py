@@ -66,6 +66,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import harness
+from .bench_layer import _Holder
 
 PROVIDERS = ("fastlora", "peft")
 MODES = ("train_step", "forward")
@@ -114,20 +115,6 @@ FORMULAS = {
 # ----------------------------------------------------------------------------------------------
 # the layer: PEFT LoRA over a bitsandbytes NF4 Linear4bit, on meta or on CUDA
 # ----------------------------------------------------------------------------------------------
-
-
-class _Holder(torch.nn.Module):
-    """The smallest model get_peft_model wraps, flagged 4-bit as transformers flags a model it loaded
-    with BitsAndBytesConfig (without the flag PEFT wraps Linear4bit in its generic Linear)."""
-
-    is_loaded_in_4bit = True
-
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def quantize(N: int, K: int, device: torch.device):

@@ -6,15 +6,17 @@
     base, bf16 activations, adapters in fp32 and in bf16 (the adapter products in bf16, as under the
     QLoRA recipe's autocast), dropout off and on, each of fastlora's strategies ("fused", "dequant").
     Each product (Y, dX, dA, dB) is compared with an fp64 evaluation of ``fastlora.reference`` on the
-    same quantized weight and dropout mask, by the project's tolerance rule (:func:`rule_error`):
-    fastlora's error at most twice the error of PEFT + bitsandbytes themselves (run on the same inputs,
-    with the same mask put in place of PEFT's dropout), plus a small atol. On a CPU the kernels run in
+    same quantized weight and dropout mask, by the project's tolerance rule
+    (``fastlora.reference.tolerance_rule``): fastlora's error at most twice the error of PEFT +
+    bitsandbytes themselves (run on the same inputs, with the same mask put in place of PEFT's
+    dropout), plus a small atol. On a CPU the kernels run in
     Triton's interpreter at small shapes (``fastlora check`` starts this module in a process with
     ``TRITON_INTERPRET=1`` there).
 (b) Speed, on a CUDA GPU only: at the model's projection shapes (``--model``, default llama3-8b; see
     ``fastlora tune``) and token counts ``--m``, forward, backward and forward+backward µs of PEFT's
     layer, fastlora's "dequant" (dequantize, then cuBLAS), "fused", and "auto" (the pick measured by
-    ``fastlora.tuning``, tuning first where the cache has no entry), the adapter products in bf16 as
+    ``fastlora.tuning``, tuning first where the cache has no entry; the row names the forward and the
+    backward pick, asked with the settings the timed calls ran), the adapter products in bf16 as
     under ``Trainer(bf16=True)``; ratios are PEFT's time over each. CUDA events, L2 flushed before each
     call, median (``tuning.cuda_timer``). On a CPU it prints "speed: not measured (no GPU)".
 (c) One verdict line. Exit status 0 when the numerics pass and, on a GPU, the auto pick is nowhere
@@ -23,16 +25,18 @@
 ``--json`` prints one object: ``device``, ``versions``, ``numerics`` (cases with ``name``, ``passed``,
 ``max_rel_err``, ...), ``speed`` (rows; [] without a GPU), ``speed_measured``, ``verdict``, ``passed``.
 ``--out DIR`` writes the same object as one benchmark record (``DIR/check.jsonl``, the fields of
-``benchmarks/harness.py``'s records) to share.
+``benchmarks/harness.py``'s records, ``fastlora``'s commit and source hash included: :func:`revision`)
+to share; ``python -m benchmarks report DIR`` reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,27 +57,6 @@ NOT_MEASURED = "speed: not measured (no GPU)"
 # 4-bit decode, every real projection) and N, M not powers of two
 CPU_SHAPE = dict(M=33, K=128, N=96)
 GPU_SHAPE = dict(M=257, K=1024, N=768)
-
-
-# ----------------------------------------------------------------------------------------------
-# the tolerance rule
-# ----------------------------------------------------------------------------------------------
-
-
-def rule_error(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, atol: float = 1e-5,
-               factor: float = 2.0):
-    """The project's tolerance rule (flash-attention's): ``|out - exact|_max <= factor · |lowp -
-    exact|_max + atol · max(1, |exact|_max)``, where ``lowp`` is PyTorch's own computation in the low
-    precision. Returns (worst error, bound, |lowp - exact|_max, |exact|_max); non-finite output fails."""
-    out, exact, lowp = out.detach().double(), exact.detach().double(), lowp.detach().double()
-    if out.shape != exact.shape:
-        raise ValueError(f"shape {tuple(out.shape)} != reference {tuple(exact.shape)}")
-    if out.numel() == 0:
-        return 0.0, 0.0, 0.0, 0.0
-    scale = exact.abs().max().item()
-    err_lowp = (lowp - exact).abs().max().item()
-    worst = (out - exact).abs().max().item() if torch.isfinite(out).all() else math.inf
-    return worst, factor * err_lowp + atol * max(1.0, scale), err_lowp, scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +208,9 @@ def numerics(device, shape: Optional[dict] = None) -> List[dict]:
                 for strategy in ("fused", "dequant"):
                     ours = layer.fastlora(x, dy, p, strategy)
                     for name, o, e, lp in zip(PRODUCTS, ours, exact, peft):
-                        worst, bound, err_peft, scale = rule_error(o, e, lp)
+                        worst, bound, _ = ref.tolerance_rule(o, e, lp)
+                        scale = e.detach().double().abs().max().item()
+                        err_peft = (lp.detach().double() - e.detach().double()).abs().max().item()
                         cases.append({
                             "name": f"{'4bit' if quantized else 'dense'} {tuning._dtype_name(adapter_dtype)}-adapters "
                                     f"dropout={p:g} {strategy} {name}",
@@ -247,20 +232,25 @@ PROVIDERS = ("peft", "dequant", "fused", "auto")
 MODES = ("forward", "backward", "forward+backward")
 
 
+# what the speed table runs: bf16 activations and bitsandbytes' bf16 compute dtype, the adapter
+# products in bf16 (PEFT under autocast; fastlora's lora_dtype, as the patcher passes it)
+SPEED_DTYPES = dict(x=torch.bfloat16, compute=torch.bfloat16, lora=torch.bfloat16)
+
+
 def _provider_fns(layer: Layer, x, dy, provider: str, p: float):
-    """{mode: zero-argument callable} for one provider, the adapter products in bf16 (autocast for PEFT,
-    lora_dtype for fastlora, as the patcher passes it)."""
+    """{mode: zero-argument callable} for one provider (:data:`SPEED_DTYPES`)."""
     from .ops import lora_linear
 
     leaves = [x, layer.A, layer.B]
     if provider == "peft":
         def fwd():
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            with torch.autocast(x.device.type, dtype=SPEED_DTYPES["lora"]):
                 return layer.model(x)
     else:
         def fwd():
             return lora_linear(x, layer.weight, layer.A, layer.B, layer.scaling, bias=layer.bias, dropout_p=p,
-                               lora_dtype=torch.bfloat16, strategy=provider)
+                               compute_dtype=SPEED_DTYPES["compute"], lora_dtype=SPEED_DTYPES["lora"],
+                               strategy=provider)
     held = {}
 
     def bwd():
@@ -274,6 +264,16 @@ def _provider_fns(layer: Layer, x, dy, provider: str, p: float):
     return {"forward": fwd, "backward": bwd, "forward+backward": step}, held
 
 
+def auto_picks(layer: Layer, M: int, p: float) -> dict:
+    """{phase: strategy} that "auto" runs for this layer at M: ``tuning.pick`` asked exactly as the op
+    asks it for the speed table's calls (their dtypes, rank and dropout)."""
+    from .ops import choose_strategy
+
+    return {phase: tuning.pick(M, layer.N, layer.K, layer.weight, layer.device, choose_strategy, phase,
+                               SPEED_DTYPES["compute"], p > 0.0, SPEED_DTYPES["x"], SPEED_DTYPES["lora"], layer.r)
+            for phase in tuning.PHASES}
+
+
 def speed(device, shapes, Ms, r: int = 16, p: float = 0.05, budget_s: float = 0.1) -> List[dict]:
     """Rows of µs per (shape, M, provider); ratios are PEFT's time over the provider's."""
     device = torch.device(device)
@@ -283,16 +283,14 @@ def speed(device, shapes, Ms, r: int = 16, p: float = 0.05, budget_s: float = 0.
         layer.model.train()
         for M in Ms:
             g = torch.Generator(device=device).manual_seed(SEED)
-            x = torch.randn(M, K, generator=g, device=device).to(torch.bfloat16).requires_grad_()
-            dy = (torch.randn(M, N, generator=g, device=device) * 0.1).to(torch.bfloat16)
+            x = torch.randn(M, K, generator=g, device=device).to(SPEED_DTYPES["x"]).requires_grad_()
+            dy = (torch.randn(M, N, generator=g, device=device) * 0.1).to(SPEED_DTYPES["x"])
             times = {}
             for provider in PROVIDERS:
                 fns, held = _provider_fns(layer, x, dy, provider, p)
                 times[provider] = {m: tuning.cuda_timer(None, fns[m], budget_s, device) * 1e3 for m in MODES}
                 held.clear()
-            from .ops import choose_strategy
-
-            auto = tuning.pick(M, N, K, layer.weight, device, choose_strategy)
+            auto = auto_picks(layer, M, p)
             for provider in PROVIDERS:
                 t = times[provider]
                 rows.append({"proj": names, "N": N, "K": K, "M": M, "m_bucket": tuning.configs.m_bucket(M),
@@ -301,6 +299,7 @@ def speed(device, shapes, Ms, r: int = 16, p: float = 0.05, budget_s: float = 0.
                              **{f"vs_peft_{m}": round(times["peft"][m] / t[m], 3) for m in MODES},
                              **({"auto_strategy": auto} if provider == "auto" else {})})
         del layer
+        tuning.release_l2()
         torch.cuda.empty_cache()
     return rows
 
@@ -382,15 +381,49 @@ def _table(report: dict) -> str:
         lines.append(NOT_MEASURED)
     else:
         lines.append("speed (µs, median; ratio = PEFT's time / this one):")
-        lines.append(f"  {'shape':24s} {'M':>6s} {'provider':9s} {'fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} "
+        lines.append(f"  {'shape':24s} {'M':>6s} {'provider':30s} {'fwd':>9s} {'bwd':>9s} {'fwd+bwd':>9s} "
                      f"{'x fwd':>6s} {'x bwd':>6s} {'x step':>6s}")
         for r in report["speed"]:
-            tag = r["provider"] + (f" ({r['auto_strategy']})" if "auto_strategy" in r else "")
+            a = r.get("auto_strategy")
+            tag = r["provider"] + (f" (fwd {a['forward']}, bwd {a['backward']})" if a else "")
             us = " ".join(f"{r[m + '_us']:9.1f}" for m in MODES)
             ratios = " ".join(f"{r['vs_peft_' + m]:6.2f}" for m in MODES)
-            lines.append(f"  {r['proj'] + ' ' + str(r['N']) + 'x' + str(r['K']):24s} {r['M']:6d} {tag:9s} {us} {ratios}")
+            shape = f"{r['proj']} {r['N']}x{r['K']}"
+            lines.append(f"  {shape:24s} {r['M']:6d} {tag:30s} {us} {ratios}")
     lines.append(report["verdict"])
     return "\n".join(lines)
+
+
+def _source_sha256(root: Path) -> str:
+    """sha256 over the Python sources, path and bytes, as ``benchmarks/harness.py`` computes it: the
+    folders fastlora, kernels and benchmarks in that order, each file's path relative to ``root``
+    sorted within its folder. Installed, the kernels folder is wherever ``fastlora.kernels`` lives and
+    there is no benchmarks folder."""
+    folders = [Path(__file__).resolve().parent, Path(tuning.configs.__file__).resolve().parent, root / "benchmarks"]
+    h = hashlib.sha256()
+    for name, folder in zip(("fastlora", "kernels", "benchmarks"), folders):
+        for path in sorted(folder.rglob("*.py")):
+            h.update(f"{name}/{path.relative_to(folder).as_posix()}".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def revision() -> dict:
+    """{'commit', 'dirty', 'source_sha256'}: the ``fastlora`` field of a benchmark record, computed as
+    ``benchmarks/harness.py`` computes it (``FASTLORA_COMMIT`` overrides git). git is asked only in a
+    checkout (a ``.git`` next to the package): an installed copy has no commit of its own."""
+    root = Path(__file__).resolve().parent.parent
+    commit, dirty = os.environ.get("FASTLORA_COMMIT") or None, None
+    if commit is None and (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip() or None
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10, check=True).stdout
+            dirty = bool(status.strip())
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"commit": commit or "unknown", "dirty": dirty, "source_sha256": _source_sha256(root)}
 
 
 def record(report: dict) -> dict:
@@ -398,8 +431,8 @@ def record(report: dict) -> dict:
     d = report["device"]
     return {"schema": 1, "bench": "check", "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": d["type"], "device_name": d["name"], "versions": report["versions"],
-            "fastlora": {"version": report["versions"]["fastlora"],
-                         "kernels_sha256": report["versions"]["fastlora_kernels_sha256"]},
+            "python": platform.python_version(), "platform": platform.platform(), "cuda": torch.version.cuda,
+            "triton_interpret": tuning._interpreter_active(), "fastlora": revision(),
             "performance_claim": bool(report["speed_measured"]), "smoke": False, "config": report["config"],
             "metrics": {k: report[k] for k in ("numerics", "speed", "speed_measured", "verdict", "passed", "seconds")},
             "formulas": {"max_rel_err": "max|out - exact| / max|exact|, exact = fp64 reference on the same W and mask",

@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .kernels import _launch
+from .kernels import _launch, configs
 from .kernels.quant4 import Packed4bit
 from .kernels.targets import DEFAULT_TARGETS, TARGETS, Target, get_target
 
@@ -72,6 +72,10 @@ LLAMA3_8B_SHAPES = {
 }
 DEFAULT_M = (1, 16, 256, 4096)
 MODEL = "model"   # the word every modelled figure carries
+# An assumed figure, not a measurement: the gap between one kernel's end and the next dependent
+# kernel's start on one stream, for kernels launched eagerly (a few µs on recent GPUs). Each launch
+# of a step, cuBLAS's included, adds it to the GPU's time; CUDA graphs remove most of it.
+LAUNCH_US = 3.0
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ELT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.uint8: 1, torch.int64: 8, torch.int8: 1}
@@ -334,7 +338,7 @@ def _launch_work(launch: _launch.Launch, c: Call):
     out = a["out_ptr"]
     byts = M * J * out.element_size() * (2 if a["ACC_OUT"] else 1)
     if a.get("SPLIT"):   # split-K: each split writes its fp32 partial sums; a tile's last program reads them all
-        byts += 2 * M * J * 4 * int(launch.grid[1])
+        byts += configs.partial_bytes(M, J, int(launch.grid[1]))
     flops = 0
     decoded = 0
     if I > 0:
@@ -431,6 +435,13 @@ class CallReport:
     model_us: float           # Σ launches + cuBLAS: a model
     compute_floor_us: float
     memory_floor_us: float
+    launch_us: float = 0.0    # launches (cuBLAS's included) × LAUNCH_US: a model
+    host_us: Optional[float] = None   # the call's host time, measured on this CPU (``--host``), or None
+
+    @property
+    def eager_us(self) -> float:
+        """An eager step: the GPU's modelled time with its launch gaps, unless the host is slower."""
+        return max(self.model_us + self.launch_us, self.host_us or 0.0)
 
     @property
     def floor_us(self) -> float:
@@ -461,8 +472,43 @@ def _call_report(c: Call, t: Target, launches, facts: Sequence[KernelFacts]) -> 
     wbytes = c.N * c.K / 2 + c.N * c.K / c.blocksize * (1 if c.nested else 4) if c.is_4bit else c.N * c.K * 2
     act = (c.M * c.K + c.M * c.N) * 2
     memory_floor = gemms * (wbytes + act) / (t.dram_gbs * 1e9)
+    n_launches = len(reports) + (gemms if c.strategy == "dequant" else 0)
     return CallReport(c, t.name, reports, cublas * 1e6, sum(r.model_us for r in reports) + cublas * 1e6,
-                      compute_floor * 1e6, memory_floor * 1e6)
+                      compute_floor * 1e6, memory_floor * 1e6, n_launches * LAUNCH_US)
+
+
+def measure_host(c: Call, target, reps: int = 30) -> float:
+    """The host µs of one layer call (forward + backward for "train"), the minimum over ``reps``,
+    measured on this CPU through Triton's real launch path with a driver that launches nothing
+    (``kernels._launch.stubbed``), on meta tensors: what the call costs the host up to the driver."""
+    import time
+
+    from . import ops
+
+    t = get_target(target)
+    dt = _DTYPES[c.dtype]
+    train = c.mode == "train"
+    w = _meta_packed(c) if c.is_4bit else torch.empty(c.N, c.K, dtype=dt, device="meta")
+    x = torch.empty(c.M, c.K, dtype=dt, device="meta", requires_grad=train)
+    A = torch.empty(c.rank, c.K, device="meta", requires_grad=train)
+    B = torch.empty(c.N, c.rank, device="meta", requires_grad=train)
+    dy = torch.empty(c.M, c.N, dtype=dt, device="meta")
+    p = c.dropout if train else 0.0
+
+    def call():
+        y = ops.lora_linear(x, w, A, B, 2.0, dropout_p=p, lora_dtype=c.lora_dtype, strategy=c.strategy)
+        if train:
+            y.backward(dy)
+            A.grad = B.grad = x.grad = None
+
+    best = float("inf")
+    with _launch.stubbed(t), torch.set_grad_enabled(train):
+        for i in range(reps + 3):      # the first calls compile (or load) the kernels and plan
+            t0 = time.perf_counter_ns()
+            call()
+            if i >= 3:
+                best = min(best, time.perf_counter_ns() - t0)
+    return best / 1e3
 
 
 def inspect_call(c: Call, target) -> CallReport:
@@ -510,12 +556,14 @@ def calls_for(shapes: Dict[str, tuple], ms: Sequence[int], *, rank=16, dropout=0
             for name, (N, K) in shapes.items() for M in ms for s in strategies for mode in modes]
 
 
-def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None) -> List[CallReport]:
+def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None,
+        host: bool = False) -> List[CallReport]:
     """Inspect ``calls`` on ``targets``: each distinct specialization is compiled once, ``jobs``
-    compiles at a time (default: the CPU count). In a process whose kernels run in Triton's
-    interpreter this starts a fresh process without TRITON_INTERPRET and returns its answer."""
+    compiles at a time (default: the CPU count); ``host``: also measure each call's host time on
+    this CPU (:func:`measure_host`). In a process whose kernels run in Triton's interpreter this
+    starts a fresh process without TRITON_INTERPRET and returns its answer."""
     if not kernels_compilable():
-        return _run_elsewhere(calls, targets, jobs)
+        return _run_elsewhere(calls, targets, jobs, host)
     recorded = []                      # (call, target, launches, keys)
     distinct: Dict[tuple, tuple] = {}  # key -> (target, launch)
     for tname in targets:
@@ -545,12 +593,17 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
     finally:
         _POOL_JOBS = []
     by_key = dict(zip(order, facts))
-    return [_call_report(c, t, launches, [by_key[k] for k in keys]) for c, t, launches, keys in recorded]
+    reports = [_call_report(c, t, launches, [by_key[k] for k in keys]) for c, t, launches, keys in recorded]
+    if host:
+        for r in reports:
+            r.host_us = measure_host(r.call, r.target)
+    return reports
 
 
-def _run_elsewhere(calls, targets, jobs=None) -> List[CallReport]:
+def _run_elsewhere(calls, targets, jobs=None, host=False) -> List[CallReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs})
+    payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs,
+                          "host": host})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -561,6 +614,7 @@ def _run_elsewhere(calls, targets, jobs=None) -> List[CallReport]:
 def report_to_dict(r: CallReport) -> dict:
     d = asdict(r)
     d["floor_us"] = r.floor_us
+    d["eager_us"] = r.eager_us
     d["ok"] = r.ok
     d["note"] = "model_us, floor_us, issue_us, dram_us, tensor_us are a static speed-of-light model, not measurements"
     return d
@@ -573,7 +627,7 @@ def _report_from_dict(d: dict) -> CallReport:
         L["facts"] = KernelFacts(**L["facts"])
         launches.append(LaunchReport(**L))
     return CallReport(Call(**d["call"]), d["target"], launches, d["cublas_us"], d["model_us"],
-                      d["compute_floor_us"], d["memory_floor_us"])
+                      d["compute_floor_us"], d["memory_floor_us"], d.get("launch_us", 0.0), d.get("host_us"))
 
 
 def _fmt_us(x: float) -> str:
@@ -613,6 +667,10 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
                          f"{_fmt_us(r.floor_us)} µs (compute {_fmt_us(r.compute_floor_us)}, memory "
                          f"{_fmt_us(r.memory_floor_us)}) -> {r.model_us / r.floor_us:.2f}× floor; "
                          f"{'all kernels fit, no spills' if r.ok else 'SOME KERNEL DOES NOT FIT OR SPILLS'}")
+            host = (f"; host {_fmt_us(r.host_us)} µs (measured on this CPU, launches stubbed)"
+                    if r.host_us is not None else "")
+            lines.append(f"{'':44} + {round(r.launch_us / LAUNCH_US)} launches × {LAUNCH_US} µs ({MODEL}){host} -> "
+                         f"eager step {_fmt_us(r.eager_us)} µs")
     lines.append(f"\nEvery µs figure above is a static speed-of-light {MODEL} (see fastlora/inspection.py), "
                  "not a measurement.")
     return "\n".join(lines)
@@ -641,7 +699,11 @@ def format_markdown(reports: Sequence[CallReport]) -> str:
                 continue
             model = sum(r.model_us for r in picked)
             floor = sum(r.floor_us for r in picked)
-            cells.append(f"{picked[0].call.strategy}: {model:,.0f} / {floor:,.0f} ({model / floor:.2f}×)")
+            eager = ""
+            if all(r.host_us is not None for r in picked):
+                eager = (f"; eager {sum(r.eager_us for r in picked):,.0f} (host "
+                         f"{sum(r.host_us for r in picked):,.0f})")
+            cells.append(f"{picked[0].call.strategy}: {model:,.0f} / {floor:,.0f} ({model / floor:.2f}×){eager}")
         lines.append(f"| {tname} | {t.gpu} | {'yes' if all(L.fits for L in launches) else 'NO'} | "
                      f"{max(L.facts.registers for L in launches)} | "
                      f"{sum(L.facts.stack + L.facts.local for L in launches)} | " + " | ".join(cells) + " |")
@@ -688,11 +750,15 @@ def main(argv=None) -> int:
                     help="one markdown table: per target, fits / registers / spills and the training step of "
                          "fastlora's pick against its floor per M (summed over the shapes)")
     ap.add_argument("--json", metavar="PATH", help="also write the full report as JSON ('-' for stdout only)")
+    ap.add_argument("--host", action="store_true",
+                    help="also measure each call's host time on this CPU (Triton's launch path, launches "
+                         "stubbed) and show the eager step as max(GPU model + launch gaps, host)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         payload = json.loads(sys.stdin.read())
-        reports = run([Call(**c) for c in payload["calls"]], payload["targets"], payload.get("jobs"))
+        reports = run([Call(**c) for c in payload["calls"]], payload["targets"], payload.get("jobs"),
+                      payload.get("host", False))
         sys.stdout.write(json.dumps([report_to_dict(r) for r in reports]))
         return 0
     try:
@@ -707,7 +773,7 @@ def main(argv=None) -> int:
                       strategies=("fused", "dequant") if args.strategy == "both" else (args.strategy,),
                       modes=("train", "infer") if args.mode == "both" else (args.mode,))
     skipped = [t for t in targets if args.dtype == "bf16" and not get_target(t).has_bf16]
-    reports = run(calls, targets)
+    reports = run(calls, targets, host=args.host)
     if args.markdown:
         print(format_markdown(reports))
         print(f"\nThe µs figures are a static speed-of-light {MODEL} (fastlora/inspection.py), not measurements.")

@@ -146,10 +146,10 @@ def _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, block
                       absmax2=absmax2, code2=code2, blocksize2=blocksize2, offset=offset)
 
 
-def _resolve(strategy, M, N, K, w, device, phase=None, compute_dtype=None, dropout=None):
+def _resolve(strategy, M, N, K, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank):
     """The strategy a call runs. "auto" on a CUDA device: the pick measured on it (``tuning.pick``:
-    one dict lookup once its entry is known; ``phase`` "forward" / "backward", the compute dtype and
-    whether dropout is on make the entry precise, and are assumed where not given); elsewhere the
+    one dict lookup once its entry is known; the phase ("forward" / "backward"), the dtypes, the rank
+    and whether dropout is on are the call's own, and the entry is measured with them); elsewhere the
     static rule."""
     if strategy != "auto":
         return strategy
@@ -161,7 +161,7 @@ def _resolve(strategy, M, N, K, w, device, phase=None, compute_dtype=None, dropo
     except NameError:   # bound at the first CUDA call: an import statement here costs ~1 µs per call
         from .tuning import pick
         _tuning_pick = pick
-    return pick(M, N, K, w, device, choose_strategy, phase, compute_dtype, dropout)
+    return pick(M, N, K, w, device, choose_strategy, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank)
 
 
 def _forward_impl(
@@ -184,7 +184,8 @@ def _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtyp
     N = w.N if isinstance(w, Packed4bit) else w.shape[0]
     K = x2.shape[1]
     r = lora_A.shape[0]
-    strategy = _resolve(strategy, M, N, K, w, x2.device, "forward", compute_dtype, dropout_p > 0.0)
+    strategy = _resolve(strategy, M, N, K, w, x2.device, "forward", compute_dtype, dropout_p > 0.0, x2.dtype,
+                        lora_dtype, r)
     drop = dropout_p > 0.0
     h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
     lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
@@ -236,7 +237,8 @@ def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dt
     K = x2.shape[1]
     M = x2.shape[0]
     r = lora_A.shape[0]
-    strategy = _resolve(strategy, M, N, K, w, dy.device, "backward", compute_dtype, dropout_p > 0.0)
+    strategy = _resolve(strategy, M, N, K, w, dy.device, "backward", compute_dtype, dropout_p > 0.0, x2.dtype,
+                        lora_dtype, r)
     drop = dropout_p > 0.0
     dx = dA = dB = g = None   # a gradient not asked for
     if need_x or need_a:
@@ -352,11 +354,15 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 _FUNCTIONAL = torch._C._TorchDispatchModeKey.FUNCTIONAL
 
 
+# False: every call goes through the registered op (debugging; tests warm up its kernels this way)
+EAGER_FAST_PATH = True
+
+
 def _eager_call(x: torch.Tensor) -> bool:
     """Whether a call may skip the registered op: nothing traces it (no torch.compile, no fake or
     functional mode, a plain tensor) and no CUDA graph is being captured (there the dropout seed
     must come from the device's generator inside the graph, so each replay draws a new one)."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    if not EAGER_FAST_PATH or type(x) is not torch.Tensor or torch.compiler.is_compiling():
         return False
     if torch._C._get_dispatch_mode(_FAKE) is not None or torch._C._get_dispatch_mode(_FUNCTIONAL) is not None:
         return False
@@ -538,6 +544,11 @@ def _run(x, w, lora_A, lora_B, scaling, bias, dropout_p, compute_dtype, lora_dty
     if _eager_call(x):
         if dropout_p != 0.0 and seed_v is None:
             seed_v = draw_seed(x.device)
+        if not (torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad)):
+            # nothing to differentiate (generation, evaluation): no autograd node at all
+            y, _ = _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed_v, compute_dtype, lora_dtype,
+                            strategy)
+            return y.reshape(*lead, N)
         y, _ = LoraLinearFunction.apply(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed_v, compute_dtype,
                                         lora_dtype, strategy)
     else:

@@ -14,6 +14,7 @@ test can hand it the very mask a kernel drew.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -105,3 +106,27 @@ def lora_linear_backward(
     dA = scaling * g.t() @ dx_in
     dB = scaling * dy2.t() @ h
     return dx.reshape(x.shape), dA, dB
+
+
+def tolerance_rule(out: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor, atol: float = 1e-5,
+                   factor: float = 2.0):
+    """The project's tolerance rule (flash-attention's): a result ``out`` is right when
+
+        max|out - exact| <= factor · max|lowp - exact| + atol · max(1, max|exact|)
+
+    where ``exact`` is this module's answer in fp64 (or fp32) and ``lowp`` plain PyTorch's answer in
+    the same low precision as ``out``. Returns (worst error, bound, index of the worst element); a
+    non-finite element of ``out`` is an infinite error at its index; an empty tensor gives
+    (0.0, atol, None). Raises ValueError when the shapes differ."""
+    out, exact, lowp = out.detach().double(), exact.detach().double(), lowp.detach().double()
+    if out.shape != exact.shape:
+        raise ValueError(f"shape {tuple(out.shape)} != reference {tuple(exact.shape)}")
+    if out.numel() == 0:
+        return 0.0, atol, None
+    err_lowp = (lowp - exact).abs().max().item()
+    bound = factor * err_lowp + atol * max(1.0, exact.abs().max().item())
+    err = (out - exact).abs()
+    bad = ~torch.isfinite(out)
+    flat = int(bad.reshape(-1).nonzero()[0].item()) if bad.any() else int(err.argmax().item())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), out.shape))
+    return (math.inf if bad.any() else err.reshape(-1)[flat].item()), bound, index

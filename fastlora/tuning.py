@@ -1,7 +1,8 @@
 """Measured selection on the user's GPU: the first call of a frozen product at a new shape times the
 candidates there and keeps the fastest, in a per-device cache.
 
-What one entry decides, for one (phase, kind of frozen product, N, K, M bucket, dtypes, dropout on/off):
+What one entry decides, for one (phase, kind of frozen product, N, K, M bucket, the 4-bit weight's
+blocksize and double quantization, dtypes, adapter rank, dropout on/off):
 
     strategy     "dequant" (W dequantized by fastlora's kernel, then cuBLAS: what PEFT + bitsandbytes
                  and Unsloth run) or "fused" (W decoded inside the GEMM)
@@ -11,7 +12,9 @@ What one entry decides, for one (phase, kind of frozen product, N, K, M bucket, 
 
 The phase is "forward" (Y = X·Wᵀ, the product's [J, I] = [N, K]) or "backward" (dX = dY·W, [K, N]).
 Both strategies compute the same numbers within the project's tolerance rule (``fastlora check``), so
-a measurement may pick either.
+a measurement may pick either. An entry is measured with the call's own dtypes, rank and blocksize;
+with dropout on it is timed at p = ``DEFAULT_DROPOUT_P`` (the mask is drawn for every element
+whatever p is, so p does not change the work).
 
 Candidates (:func:`candidates`), in this order, which is also the order ties are broken in:
 
@@ -20,41 +23,47 @@ Candidates (:func:`candidates`), in this order, which is also the order ties are
     3. the same family's other rows of that kind, then neighbours of the row: one stage fewer / more,
        no split-K, twice the split limit, the other warp count, half / double BLOCK_J; each narrowed
        to the problem as ``configs.select`` narrows it, duplicates dropped, at most
-       ``MAX_ALTERNATIVES``. One that does not launch (shared memory, registers) is skipped.
+       ``MAX_ALTERNATIVES``.
 
-How one candidate is timed (:func:`cuda_timer`): the whole phase of the op (``fastlora.lora_linear``
-with the strategy forced, the tile through ``configs.override``; backward as ``autograd.grad`` over a
-retained graph) on random data (never zeros; the layer's own weight when the op triggered the tuning),
-its own generator (the user's random streams are not touched), autocast off, dtypes explicit. One
-untimed call (compiles), then CUDA events around each call with L2 flushed before it, as many calls as
-the candidate's share of the shape's budget allows (3 to 50), and the median. The pick is the
-fastest median; equal medians go to the earlier candidate.
+How one candidate is timed (:func:`measure`, :func:`cuda_timer`): the whole phase of the op
+(``fastlora.lora_linear`` with the strategy forced, the tile through ``configs.override``; backward as
+``autograd.grad`` over a retained graph) on random data (never zeros; the layer's own weight when the
+op triggered the tuning), its own generator (the user's random streams are not touched), autocast
+off, dtypes explicit. One untimed call first: it compiles the tile (Triton keeps the binary on disk,
+so that cost is paid once per machine) and is not counted in the entry's budget. Then, on the
+weight's device and its current stream, one call sizes the repetitions to the candidate's share of
+the budget, and 3 to 50 calls are timed by CUDA events, each after an L2 flush; the median counts.
+The pick is the fastest median; equal medians go to the earlier candidate.
 
-Budget: about ``PER_SHAPE_S`` per entry (dequant and the table's tile are always measured, the
-alternatives while time is left) and ``PER_PROCESS_S`` per process (one model's shapes); once spent,
-the remaining shapes keep the static rule for the rest of the process and are not cached, so the
-next run tunes them. Each entry logs one line (logger ``fastlora.tuning``, INFO): what was tuned, how
-long it took, what it picked.
+Failures: an alternative tile that Triton cannot build or load here (out of shared memory or
+registers, a compile error) is skipped. Anything else — a failure of dequant or of the table's tile,
+a CUDA error, a bug — ends the tuning of that entry: one warning, the static rule for that shape for
+the rest of the process, nothing written to the cache.
+
+Budget: about ``PER_SHAPE_S`` of timed calls per entry (dequant and the table's tile are always
+measured, the alternatives while time is left). An entry whose alternatives were cut short is used in
+this process but not written to the cache, so the next run measures it in full. ``PER_PROCESS_S`` per
+process (one model's shapes, compiles included); once spent, the remaining shapes keep the static rule
+for the rest of the process and are not cached, so the next run tunes them. Each entry logs one line
+(logger ``fastlora.tuning``, INFO): what was tuned, how long it took, what it picked.
 
 When it runs: on a CUDA device only, at a call that resolves strategy="auto" (the default), and never
 under Triton's interpreter, inside a torch.compile trace (``torch.compiler.is_compiling()``: the op is
 opaque there anyway; tuning happens at the first eager call) or during CUDA graph capture (it would
 synchronize); there an entry already loaded is still used, else the static rule, and the next eager
 call tunes. ``FASTLORA_TUNE`` (read once per process): ``0`` static tables only, ``1`` (default) tune
-missing entries, ``force`` re-tune every entry once in this process. Once an entry is known, a call
-costs one dict lookup (:func:`pick`). A call that does not name its phase, compute dtype or dropout
-gets them assumed (both phases, bitsandbytes' compute dtype with the adapter products in it, dropout
-off): both phases' entries are tuned at its first call and the strategy with the shorter forward +
-backward is used for both.
+missing entries, ``force`` re-tune every entry once in this process. Once an entry is known, a call at
+any M of its bucket costs one dict lookup (:func:`pick`'s memo is keyed by the bucket, not by M).
 
-The cache (:class:`Cache`): one JSON file per device under ``$FASTLORA_CACHE_DIR``, else
+The cache (:class:`Cache`): one JSON file per device and software under ``$FASTLORA_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastlora``, else ``~/.cache/fastlora``, keyed by device name, compute capability,
 SM count, driver, torch, triton and fastlora versions and a hash of the kernel sources (a measured
-tile belongs to the code that was measured). A file with another key (an upgrade) or one that does
-not parse gives one warning, is ignored and is rewritten at the next write. Writes merge with what is
-on disk under an exclusive lock (``fcntl.flock`` on ``<file>.lock``; DDP ranks tune at once) and a
-thread lock, then replace the file atomically (a temporary file in the same folder, ``os.replace``).
-Nothing outside that folder is touched.
+tile belongs to the code that was measured). The file name carries the device and a short hash of
+that key, so two environments on one machine keep a file each. A file with another key or one that
+does not parse gives one warning, is ignored and is rewritten at the next write. Writes merge with
+what is on disk under an exclusive lock (``fcntl.flock`` on ``<file>.lock``; DDP ranks tune at once)
+and a thread lock, then replace the file atomically (a temporary file in the same folder,
+``os.replace``). Nothing outside that folder is touched.
 """
 
 from __future__ import annotations
@@ -88,14 +97,14 @@ logger = logging.getLogger("fastlora.tuning")
 PHASES = ("forward", "backward")
 STRATEGIES = ("dequant", "fused")
 FORMAT = "fastlora-tuning"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-PER_SHAPE_S = 1.0          # measuring time per entry (compiling a new tile comes on top, once per machine)
+PER_SHAPE_S = 1.0          # timed calls per entry; each candidate's first call (its compile) comes on top
 PER_PROCESS_S = 60.0       # all entries of one process together, compiles included
 MAX_ALTERNATIVES = 4       # fused tiles besides the table's row
 MIN_REPS, MAX_REPS = 3, 50
-DEFAULT_RANK = 16          # the adapters' rank when the caller does not say (the products barely depend on it)
-DEFAULT_DROPOUT_P = 0.05
+DEFAULT_DROPOUT_P = 0.05   # p of an entry with dropout on (and `fastlora tune`'s default)
+BUDGET = "budget"          # the error of a candidate skipped because the entry's budget was spent
 
 # device types tuning may run on (tests add "cpu" to drive the whole path with an injected timer)
 _DEVICE_TYPES = ("cuda",)
@@ -134,12 +143,14 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def product_kind(w, compute_dtype: torch.dtype) -> str:
-    """The configuration table kind of the fused frozen product over ``w`` (``lora_matmul._kind``'s
-    answer for it): frozen4 / frozen4_flat for a 4-bit weight, dense for a 16-bit one, lora for fp32."""
-    if isinstance(w, Packed4bit):
-        return "frozen4" if wide_decode_ok(w) else "frozen4_flat"
-    return "lora" if compute_dtype == torch.float32 else "dense"
+def product_kind(w, compute_dtype: torch.dtype, lora_dtype: torch.dtype) -> str:
+    """The configuration table kind of the fused frozen product over ``w``: the launcher's own
+    answer (``lora_matmul._kind``; its epilogue adds the LoRA term in ``lora_dtype``)."""
+    from .kernels.lora_matmul import _kind
+
+    is_4bit = isinstance(w, Packed4bit)
+    return _kind(is_4bit, False, compute_dtype, is_4bit and wide_decode_ok(w),
+                 lora32=lora_dtype == torch.float32)
 
 
 def product_dims(phase: str, N: int, K: int) -> Tuple[int, int]:
@@ -151,13 +162,22 @@ def product_dims(phase: str, N: int, K: int) -> Tuple[int, int]:
     raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def entry_key(phase: str, kind: str, N: int, K: int, M: int, x_dtype, compute_dtype, lora_dtype,
-              dropout: bool) -> str:
+def weight_layout(w) -> str:
+    """What of the weight's format besides N and K changes the work: a 4-bit weight's blocksize and
+    whether its absmax is double-quantized (one more decode step); "dense" for a 16-bit weight."""
+    if isinstance(w, Packed4bit):
+        return f"bs={w.blocksize}{',nested' if w.nested else ''}"
+    return "dense"
+
+
+def entry_key(phase: str, kind: str, N: int, K: int, M: int, layout: str, x_dtype, compute_dtype, lora_dtype,
+              rank: int, dropout: bool) -> str:
     """The key of one entry inside a device's file: readable, one string."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     dts = "/".join(_dtype_name(d) for d in (x_dtype, compute_dtype, lora_dtype))
-    return f"{phase}|{kind}|N={N}|K={K}|M<={configs.m_bucket(M)}|{dts}|dropout={'on' if dropout else 'off'}"
+    return (f"{phase}|{kind}|N={N}|K={K}|M<={configs.m_bucket(M)}|{layout}|{dts}|r={rank}"
+            f"|dropout={'on' if dropout else 'off'}")
 
 
 def _driver_version() -> Optional[str]:
@@ -237,10 +257,13 @@ def cache_dir() -> Path:
 
 
 def cache_path(key: dict, folder: Optional[Path] = None) -> Path:
-    """One file per device: its name and compute capability (the versions live inside, in the key)."""
+    """One file per device and software: the device's name and compute capability, then the first 12
+    hex digits of the key's sha256, so that two environments on one machine (another torch, another
+    fastlora) do not overwrite each other's file."""
     cc = key.get("cc")
     name = _slug(key.get("device", "device")) + (f"-sm{str(cc).replace('.', '')}" if cc else "")
-    return Path(folder if folder is not None else cache_dir()) / f"{name}.json"
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(folder if folder is not None else cache_dir()) / f"{name}-{tag}.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,27 +484,38 @@ def _flush_l2(device: torch.device) -> None:
     buf.zero_()
 
 
-def cuda_timer(candidate: Candidate, fn: Callable[[], object], budget_s: float, device=None) -> float:
-    """Median milliseconds of ``fn`` by CUDA events: one untimed call (compiles), one timed call to size
-    the repetitions to ``budget_s``, then MIN_REPS..MAX_REPS calls, each after an L2 flush."""
+def release_l2() -> None:
+    """Drop the L2-flush buffers (twice the device's L2 each), which training has better use for."""
+    _L2.clear()
+
+
+def cuda_timer(candidate: Candidate, fn: Callable[[], object], budget_s: float, device=None, *,
+               warmup: bool = True) -> float:
+    """Median milliseconds of ``fn`` by CUDA events, on ``device`` and its current stream (the device
+    guard puts ``fn``'s launches, the flushes and the events on that one stream): one untimed call
+    when ``warmup`` (compiles), one timed call to size the repetitions to ``budget_s``, then
+    MIN_REPS..MAX_REPS calls, each after an L2 flush."""
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    fn()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _flush_l2(device)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    first_ms = start.elapsed_time(end)
-    reps = int(max(MIN_REPS, min(MAX_REPS, budget_s * 1e3 / max(first_ms + 0.05, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s, e in events:
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device)
+        if warmup:
+            fn()
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         _flush_l2(device)
-        s.record()
+        start.record(stream)
         fn()
-        e.record()
-    torch.cuda.synchronize(device)
+        end.record(stream)
+        end.synchronize()
+        first_ms = start.elapsed_time(end)
+        reps = int(max(MIN_REPS, min(MAX_REPS, budget_s * 1e3 / max(first_ms + 0.05, 1e-3))))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for s, e in events:
+            _flush_l2(device)
+            s.record(stream)
+            fn()
+            e.record(stream)
+        stream.synchronize()
     samples = sorted(s.elapsed_time(e) for s, e in events)
     return samples[len(samples) // 2] if reps % 2 else 0.5 * (samples[reps // 2 - 1] + samples[reps // 2])
 
@@ -511,7 +545,7 @@ class Problem:
     compute_dtype: torch.dtype
     lora_dtype: torch.dtype
     dropout_p: float = 0.0
-    rank: int = DEFAULT_RANK
+    rank: int = 16
     bias: bool = False
 
     @property
@@ -528,17 +562,18 @@ class Problem:
 
     @property
     def kind(self) -> str:
-        return product_kind(self.w, self.compute_dtype)
+        return product_kind(self.w, self.compute_dtype, self.lora_dtype)
 
     @property
     def key(self) -> str:
-        return entry_key(self.phase, self.kind, self.N, self.K, self.M, self.x_dtype, self.compute_dtype,
-                         self.lora_dtype, self.dropout_p > 0)
+        return entry_key(self.phase, self.kind, self.N, self.K, self.M, weight_layout(self.w), self.x_dtype,
+                         self.compute_dtype, self.lora_dtype, self.rank, self.dropout_p > 0)
 
     def describe(self) -> str:
         return (f"{self.phase} {self.kind} N={self.N} K={self.K} M={self.M} (bucket {configs.m_bucket(self.M)}) "
+                f"{weight_layout(self.w)} "
                 f"{_dtype_name(self.x_dtype)}/{_dtype_name(self.compute_dtype)}/{_dtype_name(self.lora_dtype)} "
-                f"dropout {'on' if self.dropout_p > 0 else 'off'}")
+                f"r={self.rank} dropout {'on' if self.dropout_p > 0 else 'off'}")
 
 
 class PhaseRunner:
@@ -597,30 +632,55 @@ class PhaseRunner:
 def measure(problem: Problem, cands: Sequence[Candidate], target, *, timer: Optional[Timer] = None,
             budget_s: float = PER_SHAPE_S, make_runner=PhaseRunner) -> List[Tuple[Candidate, Optional[float], str]]:
     """Time each candidate: [(candidate, ms or None, error)]. The first two (dequant, the table's tile)
-    always; the rest while the budget lasts (skipped ones: None, "budget")."""
-    timer = timer or _TIMER[0] or (lambda c, f, b: cuda_timer(c, f, b, problem.device))
+    always; the rest while the budget lasts (skipped ones: None, ``BUDGET``). Each candidate's first
+    call (it compiles) runs before its timer and outside the budget. An alternative Triton cannot
+    build or load here is skipped (None, the error); every other exception propagates."""
+    timer = timer or _TIMER[0] or (lambda c, f, b: cuda_timer(c, f, b, problem.device, warmup=False))
     share = budget_s / max(1, len(cands))
     runner = make_runner(problem)
     out = []
-    t0 = time.perf_counter()
+    spent = 0.0
     try:
         with torch.autocast(problem.device.type, enabled=False):
             for i, cand in enumerate(cands):
-                if i >= 2 and time.perf_counter() - t0 >= budget_s:
-                    out.append((cand, None, "budget"))
+                if i >= 2 and spent >= budget_s:
+                    out.append((cand, None, BUDGET))
                     continue
                 ctx = configs.override(problem.kind, cand.tile) if cand.tile is not None else contextlib.nullcontext()
                 try:
                     with ctx:
-                        ms = float(timer(cand, runner.fn(cand), share))
+                        fn = runner.fn(cand)
+                        fn()
+                        if problem.device.type == "cuda":
+                            torch.cuda.synchronize(problem.device)
+                        t0 = time.perf_counter()
+                        ms = float(timer(cand, fn, share))
+                        spent += time.perf_counter() - t0
                     out.append((cand, ms, ""))
-                except Exception as exc:  # noqa: BLE001 - a tile that does not launch here is not a candidate
-                    if _is_oom(exc):
+                except Exception as exc:
+                    if i < 2 or not _unlaunchable(exc):
                         raise
                     out.append((cand, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
     finally:
         runner.close()
+        release_l2()
     return out
+
+
+_TRITON_BUILD_ERRORS: List[Optional[tuple]] = [None]
+
+
+def _unlaunchable(exc: BaseException) -> bool:
+    """Whether Triton could not build or load a tile here: out of shared memory or registers
+    (``OutOfResources``), or a compile error (``CompilationError``, ptxas's ``PTXASError``)."""
+    if _TRITON_BUILD_ERRORS[0] is None:
+        from triton.compiler import errors as compile_errors
+        from triton.runtime import errors as runtime_errors
+
+        _TRITON_BUILD_ERRORS[0] = tuple(
+            t for t in (getattr(runtime_errors, "OutOfResources", None), getattr(runtime_errors, "PTXASError", None),
+                        getattr(compile_errors, "CompilationError", None)) if t is not None)
+    return isinstance(exc, _TRITON_BUILD_ERRORS[0])
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -656,11 +716,17 @@ def tune(problem: Problem, target=None, *, timer: Optional[Timer] = None, budget
         "seconds": round(seconds, 3),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    dq = entry["us"].get("dequant")
-    logger.info("fastlora: tuned %s in %.2f s: picked %s, %.1f µs (dequant+cuBLAS %s, %d candidates)",
-                problem.describe(), seconds, best.name, best_ms * 1e3,
-                "failed" if dq is None else f"{dq:.1f} µs", len(cands))
+    skipped = sum(err == BUDGET for _, _, err in results)
+    logger.info("fastlora: tuned %s in %.2f s: picked %s, %.1f µs (dequant+cuBLAS %.1f µs, %d candidates%s)",
+                problem.describe(), seconds, best.name, best_ms * 1e3, entry["us"]["dequant"], len(cands),
+                f", {skipped} left for the next run by the budget" if skipped else "")
     return entry
+
+
+def complete(entry: dict) -> bool:
+    """Whether every candidate of an entry was measured (none skipped for the budget): only such an
+    entry is written to the cache."""
+    return BUDGET not in entry.get("errors", {}).values()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,12 +734,17 @@ def tune(problem: Problem, target=None, *, timer: Optional[Timer] = None, budget
 # ----------------------------------------------------------------------------------------------
 
 _LOCK = threading.RLock()
-_PICKS: Dict[tuple, str] = {}           # per-call memo: (device index, M, N, K, w tag, phase, dtypes, p>0) -> strategy
+# per-call memo of pick(): (device index, m_bucket(M), N, K, blocksize or dtype, nested, phase, compute
+# dtype, dropout on, x dtype, lora dtype, rank) -> strategy, or _STATIC (the tables' rule at the call's M)
+_PICKS: Dict[tuple, object] = {}
+_PICKS_MAX = 4096                       # a model meets a few dozen keys; past this many the memo starts over
+_STATIC = object()
 _CACHES: Dict[str, Cache] = {}          # file path -> Cache
+_UNSAVED: Dict[tuple, dict] = {}        # (file path, entry key) -> an entry cut short by the budget: this process only
 _RETUNED: set = set()                   # entries re-tuned under FASTLORA_TUNE=force in this process
 _SPENT = [0.0]                          # seconds spent tuning in this process
 _BUDGET_LOGGED = [False]
-_INSTALLED: Dict[tuple, TileConfig] = {}  # (target, kind, m_bucket, J, I) -> the tile this process put in force
+_INSTALLED: Dict[tuple, TileConfig] = {}  # set_tuned's key (target, kind, M, J, I, trans_w) -> the tile in force
 
 
 def reset() -> None:
@@ -682,14 +753,15 @@ def reset() -> None:
     with _LOCK:
         _PICKS.clear()
         _CACHES.clear()
+        _UNSAVED.clear()
         _KEYS.clear()
         _RETUNED.clear()
         _WARNED.clear()
         _SPENT[0] = 0.0
         _BUDGET_LOGGED[0] = False
         _MODE[0] = None
-        for (target, kind, M, J, I) in _INSTALLED:
-            configs.set_tuned(target, kind, M, J, I, None)
+        for (target, kind, M, J, I, trans_w) in _INSTALLED:
+            configs.set_tuned(target, kind, M, J, I, None, trans_w=trans_w)
         _INSTALLED.clear()
 
 
@@ -697,18 +769,27 @@ def _interpreter_active() -> bool:
     return _interpreter.interpreter_active()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# why a call cannot tune now, for a while only: the next eager call can
+_TRANSIENT = ("inside a torch.compile trace", "during CUDA graph capture")
+
+
 def static_reason(device) -> Optional[str]:
     """Why a call on ``device`` cannot tune now (None: it can)."""
+    device = torch.device(device)
     if mode() == "0":
         return "FASTLORA_TUNE=0"
-    if torch.device(device).type not in _DEVICE_TYPES:
+    if device.type not in _DEVICE_TYPES:
         return "not a CUDA device"
     if _interpreter_active():
         return "Triton's CPU interpreter"
     if torch.compiler.is_compiling():
-        return "inside a torch.compile trace"
-    if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "during CUDA graph capture"
+        return _TRANSIENT[0]
+    if _capturing(device):
+        return _TRANSIENT[1]
     if _SPENT[0] >= PER_PROCESS_S:
         return "the process's tuning budget is spent"
     return None
@@ -735,21 +816,27 @@ def _install(problem: Problem, entry: dict, target) -> None:
         return
     J, I = product_dims(problem.phase, problem.N, problem.K)
     tile = TileConfig(*entry["fused_tile"])
-    key = (target, problem.kind, configs.m_bucket(problem.M), J, I)
+    key = (target, problem.kind, configs.m_bucket(problem.M), J, I, problem.phase == "backward")
     if _INSTALLED.get(key) != tile:       # set_tuned makes every cached launch plan stale: only on a change
-        configs.set_tuned(*key, tile)
+        configs.set_tuned(*key[:5], tile, trans_w=key[5])
         _INSTALLED[key] = tile
+
+
+def _target(device: torch.device):
+    """The GPU target whose tiles are the candidates (None: the interpreter's tiles)."""
+    return launch_target(device) if device.type == "cuda" else None
 
 
 def entry_for(problem: Problem, *, tune_missing: bool, timer: Optional[Timer] = None,
               budget_s: Optional[float] = None) -> Optional[dict]:
     """The problem's entry: from the device's cache file, else measured now (when ``tune_missing``)
-    and written there. Installs its fused tile. None when neither."""
+    and written there (when :func:`complete`; else kept for this process). Installs its fused tile.
+    None when neither."""
     with _LOCK:
-        target = launch_target(problem.device) if problem.device.type == "cuda" else None
+        target = _target(problem.device)
         cache = cache_for(problem.device)
         ekey = problem.key
-        e = cache.get(ekey)
+        e = cache.get(ekey) or _UNSAVED.get((str(cache.path), ekey))
         force = mode() == "force" and ekey not in _RETUNED
         if e is not None and not force:
             _install(problem, e, target)
@@ -763,97 +850,65 @@ def entry_for(problem: Problem, *, tune_missing: bool, timer: Optional[Timer] = 
         finally:
             _SPENT[0] += time.perf_counter() - t0
         _RETUNED.add(ekey)
-        cache.put(ekey, e)
+        if complete(e):
+            cache.put(ekey, e)
+        else:
+            _UNSAVED[(str(cache.path), ekey)] = e
         _install(problem, e, target)
         return e
 
 
-def _phase_times(e: dict) -> Dict[str, float]:
-    """The fastest time (µs) of each strategy in an entry."""
-    best: Dict[str, float] = {}
-    for name, us in e.get("us", {}).items():
-        if us is None:
-            continue
-        s = "dequant" if name == "dequant" else "fused"
-        best[s] = min(best.get(s, math.inf), us)
-    return best
-
-
-def _default_compute_dtype(w, device) -> torch.dtype:
-    if not isinstance(w, Packed4bit):
-        return w.dtype
-    if w.dtype is not None:
-        return w.dtype
-    t = launch_target(device) if device.type == "cuda" else None
-    return torch.bfloat16 if t is None or t.has_bf16 else torch.float16
-
-
-def pick(M: int, N: int, K: int, w, device, static: Callable[..., str], phase: Optional[str] = None,
-         compute_dtype: Optional[torch.dtype] = None, dropout: Optional[bool] = None,
-         x_dtype: Optional[torch.dtype] = None, lora_dtype: Optional[torch.dtype] = None,
-         rank: Optional[int] = None) -> str:
-    """The strategy of one call that asked for "auto": the measured pick of its entry, else
-    ``static()`` (the tables' rule). What the call does not say is assumed: the compute dtype is
-    bitsandbytes' (or the dense weight's), x and the adapter products in it (bf16 autocast, the QLoRA
-    recipe), dropout off. ``static(M, N, K, quantized, device)`` is the tables' rule
-    (``ops.choose_strategy``). Without a ``phase`` both phases' entries are used and the strategy with the
-    smaller forward + backward time is the pick (one strategy serves both calls then)."""
-    memo = (device.index, M, N, K, w.blocksize if isinstance(w, Packed4bit) else w.dtype, phase,
-            compute_dtype, dropout, x_dtype, lora_dtype)
+def pick(M: int, N: int, K: int, w, device, static: Callable[..., str], phase: str, compute_dtype: torch.dtype,
+         dropout: bool, x_dtype: torch.dtype, lora_dtype: torch.dtype, rank: int) -> str:
+    """The strategy of one call that asked for "auto": the measured pick of its entry (tuned now when
+    missing and allowed), else ``static(M, N, K, quantized, device)``, the tables' rule
+    (``ops.choose_strategy``). Every argument is the call's own: the entry is measured with them.
+    Known (device, M bucket, weight, phase, dtypes, rank, dropout): one dict lookup."""
+    q = isinstance(w, Packed4bit)
+    memo = (device.index, configs.m_bucket(M), N, K, w.blocksize if q else w.dtype, q and w.nested, phase,
+            compute_dtype, dropout, x_dtype, lora_dtype, rank)
     got = _PICKS.get(memo)
-    if got is not None:
-        return got
-    return _pick_slow(memo, M, N, K, w, device, static, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank)
+    if got is None:
+        got = _pick_slow(memo, M, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank)
+    return static(M, N, K, q, device) if got is _STATIC else got
 
 
-def _pick_slow(memo, M, N, K, w, device, static_rule, phase, compute_dtype, dropout, x_dtype, lora_dtype,
-               rank) -> str:
-    def static():
-        return static_rule(M, N, K, isinstance(w, Packed4bit), device)
+def _remember(memo: tuple, value):
+    if len(_PICKS) >= _PICKS_MAX:
+        _PICKS.clear()
+    _PICKS[memo] = value
+    return value
 
+
+def _pick_slow(memo, M, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank):
+    """:func:`pick` for a key it has not met: the entry (tuned now when allowed), remembered unless
+    the reason not to tune passes (a compile trace, a graph capture)."""
     with _LOCK:
         got = _PICKS.get(memo)
         if got is not None:
             return got
         why = static_reason(device)
         if why == "FASTLORA_TUNE=0" or why == "not a CUDA device":
-            s = _PICKS[memo] = static()      # stays true for the process
-            return s
-        cd = compute_dtype or _default_compute_dtype(w, device)
-        problems = [Problem(ph, w, M, x_dtype or cd, cd, lora_dtype or cd,
-                            DEFAULT_DROPOUT_P if dropout else 0.0, rank or DEFAULT_RANK)
-                    for ph in ((phase,) if phase else PHASES)]
-        tune_now = why is None
+            return _remember(memo, _STATIC)
+        problem = Problem(phase, w, M, x_dtype, compute_dtype, lora_dtype, DEFAULT_DROPOUT_P if dropout else 0.0,
+                          rank)
         try:
-            entries = [entry_for(p, tune_missing=tune_now) for p in problems]
+            e = entry_for(problem, tune_missing=why is None)
         except Exception as exc:  # noqa: BLE001 - tuning must never break a training step
-            if not _is_oom(exc):
-                logger.warning("fastlora: tuning %s failed (%s: %s); the static tables stay in use",
-                               problems[0].describe(), type(exc).__name__, exc)
-            else:
-                logger.warning("fastlora: tuning %s ran out of memory; the static tables stay in use",
-                               problems[0].describe())
-            if device.type == "cuda":
+            logger.warning("fastlora: tuning %s failed (%s: %s); the static tables stay in use for it in this process",
+                           problem.describe(), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            if device.type == "cuda" and _is_oom(exc):
                 torch.cuda.empty_cache()
-            entries = [None]
-        if any(e is None for e in entries):
-            if why == "the process's tuning budget is spent" and not _BUDGET_LOGGED[0]:
-                _BUDGET_LOGGED[0] = True
-                logger.info("fastlora: the tuning budget of %.0f s is spent; shapes not tuned yet keep the static "
-                            "tables in this process and are tuned in the next", PER_PROCESS_S)
-            s = static()
-            if why == "the process's tuning budget is spent" or tune_now:
-                _PICKS[memo] = s             # a failed or budget-less shape: do not retry every call
-            return s                         # compile trace / graph capture: the next eager call tunes
-        if len(entries) == 1:
-            s = entries[0]["strategy"]
-        else:
-            totals = {st: sum(_phase_times(e).get(st, math.inf) for e in entries) for st in STRATEGIES}
-            s = min(STRATEGIES, key=lambda st: (totals[st], STRATEGIES.index(st)))
-            if not math.isfinite(totals[s]):
-                s = static()
-        _PICKS[memo] = s
-        return s
+            return _remember(memo, _STATIC)
+        if e is not None:
+            return _remember(memo, e["strategy"])
+        if why in _TRANSIENT:
+            return _STATIC                   # the next eager call tunes
+        if why == "the process's tuning budget is spent" and not _BUDGET_LOGGED[0]:
+            _BUDGET_LOGGED[0] = True
+            logger.info("fastlora: the tuning budget of %.0f s is spent; shapes not tuned yet keep the static "
+                        "tables in this process and are tuned in the next", PER_PROCESS_S)
+        return _remember(memo, _STATIC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,7 +994,9 @@ def tune_shapes(shapes, Ms, device, *, r: int = 16, dropout_p: float = DEFAULT_D
                 problem = Problem(phase, layer.weight, M, torch.bfloat16, torch.bfloat16, torch.bfloat16,
                                   dropout_p, r)
                 if force:
-                    cache_for(device).entries.pop(problem.key, None)
+                    cache = cache_for(device)
+                    cache.entries.pop(problem.key, None)
+                    _UNSAVED.pop((str(cache.path), problem.key), None)
                 e = entry_for(problem, tune_missing=True, timer=timer, budget_s=budget_s)
                 pick_us = e["us"].get(e["pick"])
                 dq = e["us"].get("dequant")
@@ -950,6 +1007,7 @@ def tune_shapes(shapes, Ms, device, *, r: int = 16, dropout_p: float = DEFAULT_D
                              "vs_peft": round(peft_us[phase] / pick_us, 3) if peft_us.get(phase) and pick_us else None,
                              "seconds": e.get("seconds")})
         del layer
+        release_l2()
         torch.cuda.empty_cache()
     return rows
 
@@ -1007,7 +1065,8 @@ def _dry_run(shapes, Ms, arch: str, phases) -> str:
                 lines.append(f"{names + ' ' + str(N) + 'x' + str(K):28s} {phase:8s} {configs.m_bucket(M):6d}  "
                              + ", ".join(c.name for c in cands))
     lines.append(f"{total} candidates in all; an entry's about {PER_SHAPE_S:.1f} s of measuring is shared by its "
-                 f"candidates ({MIN_REPS}-{MAX_REPS} timed calls each, after 2 untimed ones)")
+                 f"candidates ({MIN_REPS}-{MAX_REPS} timed calls each, after a compiling call outside that budget "
+                 "and a call that sizes the repetitions)")
     return "\n".join(lines)
 
 

@@ -52,7 +52,7 @@ class TileConfig:
         return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
 
 
-KINDS = ("frozen4", "frozen4_flat", "dense", "lora", "lora16", "epilogue", "dequant")
+KINDS = ("frozen4", "frozen4_lora32", "frozen4_flat", "dense", "lora", "lora16", "epilogue", "dequant")
 
 _C = TileConfig
 _INF = 1 << 62
@@ -61,14 +61,18 @@ _INF = 1 << 62
 # per program (block_m / block_i unused, 1). The sm_80-and-up rows fit, without spills, on sm_80,
 # sm_86, sm_89 and sm_90 (tests/test_gpu_targets.py); ``fastlora inspect`` prints, per target, the
 # shared memory, registers and instructions per decoded weight each row compiles to. Why these rows:
-#   frozen4, M <= 16: a 16-row tile (the smallest MMA tile) as wide as W's rows allow, split-K up to
-#     32 ways to fill the GPU: at small M the product reads the weight once, and only the decode's
-#     instructions and the bytes matter
+#   frozen4, M <= 16: a 16-row tile (the smallest MMA tile), split-K up to 32 ways to fill the GPU:
+#     at small M the product reads the weight once, and only the decode's instructions and the bytes
+#     matter. 128 wide with 8 warps: 140-191 registers on sm_80..sm_89 where 16 x 256 x 128 reached
+#     255 and spilled 8 B on sm_86 / sm_89 once each tile's last split program adds the partials up
 #   frozen4, M > 16: 128 x 128 x 64 with 8 warps: twice the MMA work per decoded weight of 128 x 64,
 #     and no spills with the dropout mask's one Philox call per four elements
 #   lora16: 8 warps for the 128-row tile: with 4, odd K (unaligned rows, no cp.async) spilled
 _SM80_UP = {
-    "frozen4": [(16, _C(16, 256, 128, 8, 2, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
+    "frozen4": [(16, _C(16, 128, 128, 8, 2, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
+    # an fp32 LoRA term (fp32 adapters without autocast) in the epilogue: 128 x 64 for M > 16, where
+    # 128 x 128 spilled 8 B on sm_80..sm_89 with split-K's sum and the fp32 term in one launch
+    "frozen4_lora32": [(16, _C(16, 128, 128, 8, 2, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))],
     "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
     "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 64, 64, 8, 3))],
     "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
@@ -84,7 +88,8 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     # What no static count sees: memory latency is then hidden only by the resident programs and each
     # thread's loads in flight; measured choices (fastlora.tuning) replace this row on a real H100.
     # M > 16: 2 stages: with 3, X·Wᵀ with an fp32 LoRA epilogue (fp32 adapters, no autocast) spills
-    "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))]},
+    "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))],
+              "frozen4_lora32": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 64, 64, 8, 2, 32))]},
     "sm_80": dict(_SM80_UP),
     # 99 KB per block: the small-M dense tile with 2 stages, not 3
     "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))]},
@@ -92,6 +97,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
         "frozen4": [(_INF, _C(16, 64, 32, 4, 1))],
+        "frozen4_lora32": [(_INF, _C(16, 64, 32, 4, 1))],
         "frozen4_flat": [(_INF, _C(16, 64, 32, 4, 1))],
         "dense": [(_INF, _C(32, 64, 32, 4, 1))],
         "lora": [(_INF, _C(32, 32, 32, 4, 1, 16))],
@@ -137,6 +143,12 @@ def _pow2_clamp(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, n - 1).bit_length()))
 
 
+def partial_bytes(rows: int, cols: int, splits: int) -> int:
+    """DRAM bytes of split-K's fp32 partial sums for an output of rows x cols: each of the ``splits``
+    programs of a tile writes its partial, and the tile's last program reads them all back."""
+    return 2 * rows * cols * 4 * splits
+
+
 def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_bytes: int = 1,
            split_bytes: int = 0) -> int:
     """How many ways to split the reduction of a product with ``tiles`` output tiles (at most the
@@ -168,7 +180,9 @@ def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_b
 # kind -> TileConfig used for every product of that kind while inside :func:`override` (the tuner
 # times a candidate this way)
 _OVERRIDES: Dict[str, TileConfig] = {}
-# (target name, kind, m_bucket(M), J, I) -> TileConfig measured fastest on this process's device
+# (target name, kind, m_bucket(M), J, I, trans_w) -> TileConfig measured fastest on this process's
+# device. trans_w tells forward (X·Wᵀ) from backward (dY·W): for a square W (q_proj, o_proj) J and I
+# are the same in both, and the two products are different loops over W
 _TUNED: Dict[tuple, TileConfig] = {}
 # bumped whenever an override or a tuned entry changes: launch plans cached before are stale
 _GENERATION = [0]
@@ -204,9 +218,11 @@ def override(kind: str, cfg: TileConfig):
         _GENERATION[0] += 1
 
 
-def set_tuned(target: Target, kind: str, M: int, J: int, I: int, cfg: Optional[TileConfig]) -> None:
-    """Record (``cfg``) or forget (None) the measured choice for products of ``kind`` at M's bucket."""
-    key = (target.name, kind, m_bucket(M), J, I)
+def set_tuned(target: Target, kind: str, M: int, J: int, I: int, cfg: Optional[TileConfig], *,
+              trans_w: bool) -> None:
+    """Record (``cfg``) or forget (None) the measured choice for products of ``kind`` at M's bucket
+    that read W as ``trans_w`` says (False: X·Wᵀ, True: dY·W)."""
+    key = (target.name, kind, m_bucket(M), J, I, bool(trans_w))
     if cfg is None:
         _TUNED.pop(key, None)
     else:
@@ -214,16 +230,18 @@ def set_tuned(target: Target, kind: str, M: int, J: int, I: int, cfg: Optional[T
     _GENERATION[0] += 1
 
 
-def select(kind: str, M: int, J: int, I: int, target: Optional[Target]) -> TileConfig:
+def select(kind: str, M: int, J: int, I: int, target: Optional[Target], trans_w: Optional[bool] = None
+           ) -> TileConfig:
     """The launch configuration of one product out[M, J] = Σ_i a[M, I]·T[I, J] on ``target``
     (None: the interpreter's): an :func:`override` in force, else the measured choice for the
-    problem (:func:`set_tuned`), else the family table's row. Tiles are narrowed to the problem
-    (never below 16, the smallest tensor-core tile)."""
+    problem (:func:`set_tuned`; ``trans_w`` says whether T is W or Wᵀ, and without it no measured
+    choice applies), else the family table's row. Tiles are narrowed to the problem (never below
+    16, the smallest tensor-core tile)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind of product {kind!r}; one of {KINDS}")
     chosen = _OVERRIDES.get(kind) if _OVERRIDES else None
-    if chosen is None and _TUNED and target is not None:
-        chosen = _TUNED.get((target.name, kind, m_bucket(M), J, I))
+    if chosen is None and _TUNED and target is not None and trans_w is not None:
+        chosen = _TUNED.get((target.name, kind, m_bucket(M), J, I, bool(trans_w)))
     if chosen is not None:
         return _narrow(kind, chosen, M, J, I)
     if target is None:

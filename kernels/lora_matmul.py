@@ -189,21 +189,35 @@ def _lora_matmul_kernel(
         # fixed order s = 0, 1, ... (the same sum whatever the arrival order: deterministic), runs
         # the epilogue and puts the counter back to zero for the next launch
         splits = tl.num_programs(1)
-        slice_elems = (tl.program_id(1).to(tl.int64) * 0 + M) * J          # int64: M·J·splits may pass 2³¹
-        tile_mask = mask_m[:, None] & mask_j[None, :]
-        tile_ptrs = part_ptr + offs_m[:, None] * J + offs_j[None, :]
-        tl.store(tile_ptrs + tl.program_id(1) * slice_elems, acc, mask=tile_mask)
+        # int64 scalars (M·J·splits may pass 2³¹) plus int32 offsets within the tile: a [BLOCK_M,
+        # BLOCK_J] tensor of 64-bit pointers kept across the sum would cost registers the big tiles
+        # do not have (it spilled on sm_80)
+        slice_elems = (tl.program_id(1).to(tl.int64) * 0 + M) * J
+        tile_base = (pid_m * BLOCK_M).to(tl.int64) * J + pid_j * BLOCK_J
+        tl.store(part_ptr + (tl.program_id(1) * slice_elems + tile_base)
+                 + (tl.arange(0, BLOCK_M)[:, None] * J + tl.arange(0, BLOCK_J)[None, :]), acc,
+                 mask=mask_m[:, None] & mask_j[None, :])
         tl.debug_barrier()                   # every thread's partial stored before the tile counts in
         arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
-            for s in range(0, splits):
-                acc += tl.load(tile_ptrs + s * slice_elems, mask=tile_mask, other=0.0, cache_modifier=".cg")
-            tl.store(count_ptr + pid, 0)
-            _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr,
-                      stride_rr, stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale,
-                      seed, p, keep_scale, HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE,
-                      BLOCK_M, BLOCK_J, BLOCK_R)
+        # no branch on the arrival: the last program sums `splits` slices, the others none, and only
+        # its stores take effect (an epilogue inside a data-dependent branch made ptxas save
+        # registers to the stack around it on sm_86 / sm_89)
+        last = arrived == splits - 1
+        # the same predicate per row, to mask with (Triton's interpreter mis-types a scalar one)
+        mask_last = mask_m & ((offs_m * 0 + arrived) == splits - 1)
+        local = tl.arange(0, BLOCK_M)[:, None] * J + tl.arange(0, BLOCK_J)[None, :]
+        tile_mask = mask_last[:, None] & mask_j[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+        for s in range(0, tl.where(last, splits, 0)):
+            acc += tl.load(part_ptr + (s * slice_elems + tile_base) + local, mask=tile_mask, other=0.0,
+                           cache_modifier=".cg")
+        # back to zero for the next launch: the last program takes the `splits` arrivals off (the
+        # others add nothing; an atomic each, so no program's count is lost whatever the order)
+        tl.atomic_add(count_ptr + pid, tl.where(last, -splits, 0))
+        _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_last, mask_j, l_ptr, stride_lm, stride_lr, r_ptr,
+                  stride_rr, stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale,
+                  seed, p, keep_scale, HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE,
+                  BLOCK_M, BLOCK_J, BLOCK_R)
     else:
         _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
                   bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
@@ -276,12 +290,13 @@ def _pow2(n: int) -> int:
 
 
 def _kind(is_4bit: bool, skip_main: bool, compute_dtype: torch.dtype, wide: bool = True,
-          adapter: bool = False) -> str:
-    """Which row of the launch-configuration tables a product uses (see ``configs.py``)."""
+          adapter: bool = False, lora32: bool = False) -> str:
+    """Which row of the launch-configuration tables a product uses (see ``configs.py``); ``lora32``:
+    the product's epilogue adds an fp32 LoRA term."""
     if skip_main:
         return "epilogue"
     if is_4bit:
-        return "frozen4" if wide else "frozen4_flat"
+        return ("frozen4_lora32" if lora32 else "frozen4") if wide else "frozen4_flat"
     if compute_dtype == torch.float32:
         return "lora"
     return "lora16" if adapter else "dense"
@@ -353,9 +368,10 @@ def _validate(a, w, out, lora_l, lora_r, compute_dtype, dropout, seed, trans_w):
     return M, J, I, Nw, Kw, rank
 
 
-def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config):
-    """The tile configuration and split count of one product (configs' table, or ``config``)."""
-    cfg = configs.select(kind, M, J, I, target) if config is None else config
+def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config, trans_w):
+    """The tile configuration and split count of one product (configs' table or the measured
+    choice, or ``config``)."""
+    cfg = configs.select(kind, M, J, I, target, trans_w=trans_w) if config is None else config
     BM, BJ, BI = cfg.block_m, cfg.block_j, cfg.block_i
     tiles = _cdiv(M, BM) * _cdiv(J, BJ)
     if skip_main:
@@ -363,7 +379,7 @@ def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config):
     # bytes one BLOCK_I step reads (the a tile and W's tile: half a byte per 4-bit weight), and what
     # one more program of a split writes to the fp32 partials and its last program reads back
     step_bytes = int(min(BM, M) * BI * a_elt + BI * min(BJ, J) * w_elt)
-    splits = configs.splits(cfg, tiles, I, target, step_bytes, 2 * min(BM, M) * min(BJ, J) * 4)
+    splits = configs.splits(cfg, tiles, I, target, step_bytes, configs.partial_bytes(min(BM, M), min(BJ, J), 1))
     return cfg, splits, tiles
 
 
@@ -371,9 +387,10 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
                 round_base, adapter, scale_a, target, config, M, J, I, Nw, Kw, rank) -> _Plan:
     is_4bit = isinstance(w, Packed4bit)
     wide = is_4bit and wide_decode_ok(w)
-    kind = _kind(is_4bit, skip_main, compute_dtype, wide, adapter)
+    kind = _kind(is_4bit, skip_main, compute_dtype, wide, adapter,
+                 lora32=lora_l is not None and lora_l.dtype == torch.float32)
     cfg, splits, tiles = _configure(kind, M, J, I, target, is_4bit, 0.5 if is_4bit else w.element_size(),
-                                    a.element_size(), skip_main, config)
+                                    a.element_size(), skip_main, config, trans_w)
     BM = cfg.block_m
     consts = dict(
         TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=is_4bit and w.nested,

@@ -1,19 +1,29 @@
-"""`fastlora check`: the command end to end on this machine, its tolerance rule, and that it fails
-when the numbers are wrong."""
+"""`fastlora check`: the command end to end on this machine, its tolerance rule, its record (which
+the benchmark report reads), and that it fails when the numbers are wrong."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import DEVICE, ON_GPU, assert_within_rule
 
-from fastlora import check
+from fastlora import check, reference
 from fastlora.kernels.lora_matmul import dropout_keep_mask
+
+# `benchmarks` is a folder of the checkout, not an installed package (as tests/test_benchmarks.py)
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import harness  # noqa: E402
+from benchmarks import report as bench_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +80,52 @@ def test_check_out_is_a_benchmark_record(report):
     assert rec["metrics"]["numerics"] == rep["numerics"] and rec["metrics"]["verdict"] == rep["verdict"]
 
 
+def test_the_record_carries_harness_fastlora_fields(report):
+    """The same ``fastlora`` fields as benchmarks/harness.py's records, computed the same way."""
+    rep, out = report
+    rec = json.loads((out / "check.jsonl").read_text().splitlines()[0])
+    assert set(rec["fastlora"]) == set(harness.fastlora_revision()) == {"commit", "dirty", "source_sha256"}
+    assert check.revision()["source_sha256"] == harness._source_sha256()          # a checkout: the very hash
+    for field in harness.REQUIRED_FIELDS:
+        assert field in rec, field
+
+
+def test_the_benchmark_report_reads_a_check_record(report, tmp_path):
+    rep, out = report
+    rec = json.loads((out / "check.jsonl").read_text().splitlines()[0])
+    res = bench_report.run(argparse.Namespace(paths=[str(out)], out=str(tmp_path), plot_modes=["forward+backward"]))
+    assert res["records"] == 1
+    md = (tmp_path / "results.md").read_text()
+    assert rec["fastlora"]["source_sha256"][:12] in md and rec["fastlora"]["commit"][:12] in md
+    assert rec["device_name"] in md
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rule_is_the_tests_rule(seed):
-    """check's rule and the tests' assert_within_rule agree, on both sides of the bound."""
+def test_the_tolerance_rule(seed):
+    """reference.tolerance_rule on both sides of its bound, where the worst element is, non-finite
+    output; and assert_within_rule, which the tests use, decides as it does and names the element."""
     g = torch.Generator().manual_seed(seed)
     exact = torch.randn(40, 30, generator=g, dtype=torch.float64) * 3
     lowp = exact.to(torch.bfloat16)
+    err_lowp = (lowp.double() - exact).abs().max().item()
     for k in (0.5, 1.9, 2.1, 4.0):
         out = exact + k * (lowp.double() - exact)
-        worst, bound, _, _ = check.rule_error(out, exact, lowp)
-        try:
-            assert_within_rule("x", out, exact, lowp)
-            tests_pass = True
-        except AssertionError:
-            tests_pass = False
-        assert (worst <= bound) == tests_pass == (k <= 2.0), (k, worst, bound)
+        worst, bound, idx = reference.tolerance_rule(out, exact, lowp)
+        assert bound == pytest.approx(2 * err_lowp + 1e-5 * max(1.0, exact.abs().max().item()))
+        assert worst == pytest.approx(k * err_lowp) and (worst <= bound) == (k <= 2.0), (k, worst, bound)
+        assert (out - exact).abs()[idx].item() == worst
+        if k <= 2.0:
+            assert assert_within_rule("x", out, exact, lowp) == (worst, bound)
+        else:
+            with pytest.raises(AssertionError, match=rf"x: max error .* at \({idx[0]}, {idx[1]}\)"):
+                assert_within_rule("x", out, exact, lowp)
     bad = exact.clone()
     bad[3, 4] = float("nan")
-    assert check.rule_error(bad, exact, lowp)[0] == float("inf")
+    assert reference.tolerance_rule(bad, exact, lowp)[::2] == (float("inf"), (3, 4))
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_within_rule("x", bad, exact, lowp)
+    with pytest.raises(ValueError, match="shape"):
+        reference.tolerance_rule(exact[:3], exact, lowp)
 
 
 def test_wrong_numbers_fail_the_check(monkeypatch):
@@ -122,24 +160,44 @@ def test_speed_verdict():
 
 
 def test_speed_rows_and_table(monkeypatch):
-    """The GPU's speed table, driven on this machine with a timer that runs each call once: every
-    provider and mode is called, rows carry the ratios to PEFT, and the table prints them."""
+    """The GPU's speed table, driven on this machine with a timer that runs each call once and gives
+    each a time of its own: every provider and mode is called, the rows carry each one's time and its
+    ratio to PEFT's, the auto row names what "auto" runs in each phase, asked as the op asks, and the
+    table prints them."""
     calls = []
 
     def timer(cand, fn, budget_s, device=None):
         out = fn()
         assert out is not None
         calls.append(fn)
-        return 1e-3
+        return 1e-3 * len(calls)                   # µs 1, 2, 3, ... in call order
+
+    asked = []
+    real_pick = check.tuning.pick
+
+    def pick(M, N, K, w, device, static, *call):
+        asked.append(call)
+        return real_pick(M, N, K, w, device, static, *call)
 
     monkeypatch.setattr(check.tuning, "cuda_timer", timer)
-    rows = check.speed(DEVICE, [("q_proj", 48, 64)], [5], r=4)
+    monkeypatch.setattr(check.tuning, "pick", pick)
+    rows = check.speed(DEVICE, [("q_proj", 48, 64)], [5], r=4, p=0.1)
     assert [r["provider"] for r in rows] == list(check.PROVIDERS) and len(calls) == 4 * 3
+    us = iter(range(1, 13))
+    expected = {p: {m: float(next(us)) for m in check.MODES} for p in check.PROVIDERS}
     for r in rows:
-        assert r["M"] == 5 and r["m_bucket"] == 8 and {f"{m}_us" for m in check.MODES} <= set(r)
-        assert all(r[f"vs_peft_{m}"] == 1.0 for m in check.MODES)     # the timer makes them equal
-    assert rows[-1]["auto_strategy"] in ("fused", "dequant")
+        assert r["M"] == 5 and r["m_bucket"] == 8
+        for m in check.MODES:
+            assert r[f"{m}_us"] == expected[r["provider"]][m]
+            assert r[f"vs_peft_{m}"] == round(expected["peft"][m] / expected[r["provider"]][m], 3)
+    assert rows[0]["vs_peft_forward"] == 1.0 and rows[-1]["vs_peft_forward"] == round(1 / 10, 3)
+    bf16 = torch.bfloat16
+    assert asked == [(phase, bf16, True, bf16, bf16, 4) for phase in ("forward", "backward")]
+    assert set(rows[-1]["auto_strategy"]) == {"forward", "backward"}
+    assert set(rows[-1]["auto_strategy"].values()) <= {"fused", "dequant"}
     rep = {"device": {"name": "gpu", "type": "cuda"}, "versions": {"torch": "t", "triton": "t", "fastlora": "f"},
            "numerics": [], "speed": rows, "speed_measured": True, "verdict": "verdict: PASS"}
     text = check._table(rep)
-    assert "q_proj 48x64" in text and "auto (" in text and check.NOT_MEASURED not in text
+    a = rows[-1]["auto_strategy"]
+    assert "q_proj 48x64" in text and f"auto (fwd {a['forward']}, bwd {a['backward']})" in text
+    assert check.NOT_MEASURED not in text

@@ -13,17 +13,21 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
-from helpers import DEVICE, ON_GPU
+from helpers import DEVICE, ON_GPU, assert_within_rule
+from triton.runtime.errors import OutOfResources
 
 from fastlora import ops, tuning
+from fastlora import reference as ref
 from fastlora.format import from_bnb
 from fastlora.kernels import configs
 from fastlora.kernels.configs import TileConfig
+from fastlora.kernels.lora_matmul import dropout_keep_mask
 from fastlora.kernels.targets import get_target
 
 SM90 = get_target("sm_90")
@@ -40,10 +44,10 @@ def _fresh(tmp_path, monkeypatch):
     tuning.reset()
 
 
-def _packed(N=96, K=128, seed=0):
+def _packed(N=96, K=128, seed=0, blocksize=64, nested=True):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(torch.bfloat16).to(DEVICE)
-    packed, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
     return from_bnb(packed, qs)
 
 
@@ -135,47 +139,193 @@ def test_ties_go_to_the_earlier_candidate_every_time():
         tuning.fastest([(a, None)])
 
 
-def test_a_candidate_that_fails_is_skipped_and_the_budget_bounds_the_alternatives():
+def _out_of_shared_memory():
+    return OutOfResources(300000, 232448, "shared memory")
+
+
+def test_an_alternative_that_does_not_launch_is_skipped_and_the_budget_bounds_the_alternatives():
     p = _problem()
     cands = tuning.candidates(p.kind, p.M, p.N, p.K, SM90)
 
     def timer(cand, fn, budget_s):
-        if cand.name == cands[1].name:
-            raise RuntimeError("out of resource: shared memory, Required: 300000")
-        return 1e-3 * (5.0 if cand.name == cands[2].name else 9.0)
+        if cand.name == cands[2].name:
+            raise _out_of_shared_memory()
+        return 1e-3 * (5.0 if cand.name == cands[3].name else 9.0)
 
     e = tuning.tune(p, SM90, timer=timer, make_runner=_NoRun)
-    assert e["us"][cands[1].name] is None and "shared memory" in e["errors"][cands[1].name]
-    assert e["pick"] == cands[2].name
+    assert e["us"][cands[2].name] is None and "shared memory" in e["errors"][cands[2].name]
+    assert e["pick"] == cands[3].name and tuning.complete(e)
     # no time left: dequant and the table's tile only
     calls = []
     e = tuning.tune(p, SM90, timer=_timer_from({}, calls), make_runner=_NoRun, budget_s=0.0)
     assert calls == [cands[0].name, cands[1].name]
-    assert all(e["errors"][c.name] == "budget" for c in cands[2:])
+    assert all(e["errors"][c.name] == tuning.BUDGET for c in cands[2:]) and not tuning.complete(e)
+
+
+@pytest.mark.parametrize("which,exc", [(0, RuntimeError("CUDA error: an illegal memory access was encountered")),
+                                       (0, _out_of_shared_memory()),
+                                       (1, _out_of_shared_memory()),
+                                       (2, RuntimeError("CUDA error: unspecified launch failure")),
+                                       (3, TypeError("a bug"))])
+def test_other_failures_are_not_a_tile_that_does_not_launch(which, exc):
+    """Only an alternative tile may fail (and only to build or load); dequant and the table's tile
+    are the fallback, and a CUDA error or a bug says nothing about a tile: they propagate."""
+    p = _problem()
+    cands = tuning.candidates(p.kind, p.M, p.N, p.K, SM90)
+
+    def timer(cand, fn, budget_s):
+        if cand.name == cands[which].name:
+            raise exc
+        return 1e-3
+    with pytest.raises(type(exc)):
+        tuning.tune(p, SM90, timer=timer, make_runner=_NoRun)
+
+
+class _CompilingRunner(_NoRun):
+    """Each candidate's first call takes ``COMPILE_S`` (Triton compiling the tile), later calls nothing."""
+
+    COMPILE_S = 0.03
+
+    def __init__(self, problem):
+        self.compiled = set()
+
+    def fn(self, candidate):
+        def call():
+            if candidate.name not in self.compiled:
+                self.compiled.add(candidate.name)
+                time.sleep(self.COMPILE_S)
+        return call
+
+
+def test_compiling_a_candidate_is_not_measuring_time():
+    """A candidate's first call compiles it; a budget smaller than one compile still measures every
+    candidate, since only the timed calls count."""
+    p = _problem()
+    cands = tuning.candidates(p.kind, p.M, p.N, p.K, SM90)
+
+    def timer(cand, fn, budget_s):
+        fn()                                        # the timer's calls, as cuda_timer's
+        return 1e-3
+    t0 = time.perf_counter()
+    e = tuning.tune(p, SM90, timer=timer, make_runner=_CompilingRunner, budget_s=_CompilingRunner.COMPILE_S / 2)
+    assert time.perf_counter() - t0 >= len(cands) * _CompilingRunner.COMPILE_S      # every one compiled
+    assert e["errors"] == {} and tuning.complete(e), e["errors"]
+
+
+def _runner_capture(runners):
+    def make(problem):
+        runners.append(tuning.PhaseRunner(problem))
+        return runners[-1]
+    return make
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward"])
 def test_the_timed_calls_run_the_op(phase):
     """The runner's calls are the op's phase with the candidate's strategy: run each once (the
-    interpreter's tiles, no target) and check what they return."""
+    interpreter's tiles, no target) and hold what they return to the project's tolerance rule
+    against an fp64 reference on the runner's own inputs."""
     p = _problem(phase, M=5, dropout_p=0.1, rank=4)
-    ran = {}
+    ran, runners = {}, []
 
     def timer(cand, fn, budget_s):
         ran[cand.name] = fn()
         return 1e-3
-    e = tuning.tune(p, None, timer=timer)
+    e = tuning.tune(p, None, timer=timer, make_runner=_runner_capture(runners))
     assert e["pick"] == "dequant"                  # equal times: the first candidate
     assert list(ran) == [c.name for c in tuning.candidates(p.kind, p.M, p.N, p.K, None)]
     assert list(ran) == ["dequant", "fused 16x64x64 w4 s1 k1"]
-    outs = list(ran.values())
-    if phase == "forward":
-        assert outs[0].shape == (5, 96) and torch.isfinite(outs[0]).all()
-        torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02)
-    else:   # (dX, dA, dB)
-        assert [tuple(g.shape) for g in outs[0]] == [(5, 128), (4, 128), (96, 4)]
-        for a, b in zip(*outs):
-            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+    r = runners[0]
+    assert (r.x.dtype, r.A.shape, r.B.shape) == (p.x_dtype, (4, 128), (96, 4))
+    keep = dropout_keep_mask(5, 128, p.dropout_p, 1234, r.x.device)   # the runner's seed
+    w_lowp = ref.dequantize_4bit(p.w, p.compute_dtype)
+    w = w_lowp.double()
+    x, A, B, dy = r.x, r.A, r.B, r.dy
+    # PyTorch in the runner's precision: the base in x's dtype, the adapter path in lora_dtype
+    xl, Al, Bl = (t.clone().requires_grad_() for t in (x, A, B))
+    y_lp = ref.lora_linear(xl, w_lowp, Al.to(p.lora_dtype), Bl.to(p.lora_dtype), 2.0, None, keep, p.dropout_p)
+    for name, out in ran.items():
+        if phase == "forward":
+            assert out.shape == (5, 96)
+            assert_within_rule(f"Y {name}", out, ref.lora_linear(x.double(), w, A.double(), B.double(), 2.0, None,
+                                                                 keep, p.dropout_p), y_lp)
+        else:   # (dX, dA, dB)
+            grads_lp = torch.autograd.grad(y_lp, (xl, Al, Bl), dy, retain_graph=True)
+            exact = ref.lora_linear_backward(dy.double(), x.double(), w, A.double(), B.double(), 2.0, keep,
+                                             p.dropout_p)
+            for g_name, g, ex, lp in zip(("dX", "dA", "dB"), out, exact, grads_lp):
+                assert_within_rule(f"{g_name} {name}", g, ex, lp)
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for cuda_timer on a CPU: a device guard that sets the current device,
+    streams per device, and events that read a clock each call advances by ``CALL_MS``."""
+
+    CALL_MS = 2.0
+
+    def __init__(self, monkeypatch, current="cuda:0"):
+        self.current, self.clock, self.log = [current], [0.0], []
+        fake = self
+
+        class Guard:
+            def __init__(self, device):
+                self.device = str(torch.device(device))
+
+            def __enter__(self):
+                fake.current.append(self.device)
+
+            def __exit__(self, *exc):
+                fake.current.pop()
+
+        class Stream:
+            def __init__(self, device):
+                self.device = device
+
+            def synchronize(self):
+                pass
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = self.stream = None
+
+            def record(self, stream=None):
+                self.t, self.stream = fake.clock[0], stream
+                fake.log.append(("record", stream.device if stream is not None else None))
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        monkeypatch.setattr(torch.cuda, "device", Guard)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(fake.current[-1]))
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(tuning, "_flush_l2", lambda device: fake.log.append(("flush", fake.current[-1])))
+
+    def call(self):
+        self.log.append(("call", self.current[-1]))
+        self.clock[0] += self.CALL_MS
+
+
+def test_cuda_timer_times_on_the_weights_device(monkeypatch):
+    """With another GPU current, the calls, the flushes and the events all run on the device the
+    timer was given, the events on its current stream."""
+    cuda = _FakeCuda(monkeypatch, current="cuda:0")
+    ms = tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 1))
+    assert ms == cuda.CALL_MS
+    assert {dev for _, dev in cuda.log} == {"cuda:1"}, cuda.log
+    assert sum(what == "call" for what, _ in cuda.log) == 2 + tuning.MIN_REPS       # warm-up, sizing, timed
+    assert cuda.current == ["cuda:0"]                                              # the guard is left
+    cuda.log.clear()
+    tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 1), warmup=False)
+    assert sum(what == "call" for what, _ in cuda.log) == 1 + tuning.MIN_REPS
+
+
+def test_the_l2_flush_buffer_is_freed_after_tuning():
+    tuning._L2[0] = torch.empty(8, dtype=torch.int8)     # what a flush on GPU 0 leaves behind
+    tuning.tune(_problem(), SM90, timer=_timer_from({}), make_runner=_NoRun)
+    assert tuning._L2 == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +346,7 @@ ENTRY = {"strategy": "fused", "pick": "fused 16x128x128 w4 s1 k32", "fused_tile"
 
 def test_cache_round_trip(tmp_path):
     path = tuning.cache_path(_key(), tmp_path)
-    assert path.name == "nvidia-h100-80gb-hbm3-sm90.json"
+    assert path.name.startswith("nvidia-h100-80gb-hbm3-sm90-") and path.suffix == ".json"
     c = tuning.Cache(path, _key())
     assert c.get("k") is None
     assert c.put("k", ENTRY)
@@ -210,9 +360,28 @@ def test_cache_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".lock"]
 
 
-@pytest.mark.parametrize("change", [dict(torch="2.12.0"), dict(triton="3.7.0"), dict(fastlora="0.2.0"),
-                                    dict(driver="13.1"), dict(sms=114), dict(fastlora_kernels_sha256="cd" * 32)])
+VERSION_CHANGES = [dict(torch="2.12.0"), dict(triton="3.7.0"), dict(fastlora="0.2.0"), dict(driver="13.1"),
+                   dict(sms=114), dict(fastlora_kernels_sha256="cd" * 32)]
+
+
+@pytest.mark.parametrize("change", VERSION_CHANGES)
+def test_two_environments_on_one_machine_keep_a_file_each(tmp_path, change):
+    """Another torch (or triton, driver, ...) on the same GPU writes another file: neither run wipes
+    what the other measured."""
+    mine, theirs = tuning.cache_path(_key(), tmp_path), tuning.cache_path(_key(**change), tmp_path)
+    assert mine != theirs and mine.parent == theirs.parent
+    assert theirs.name.startswith("nvidia-h100-80gb-hbm3-sm90-")
+    tuning.Cache(mine, _key()).put("k", ENTRY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tuning.Cache(theirs, _key(**change)).put("k2", dict(ENTRY, strategy="dequant", pick="dequant"))
+        assert tuning.Cache(mine, _key()).get("k") == ENTRY
+    assert tuning.cache_path(_key(), tmp_path) == mine          # the same environment finds its file again
+
+
+@pytest.mark.parametrize("change", VERSION_CHANGES)
 def test_a_version_change_invalidates(tmp_path, change):
+    """A file whose key is not this environment's (copied, or renamed by hand) is ignored."""
     path = tuning.cache_path(_key(), tmp_path)
     tuning.Cache(path, _key()).put("k", ENTRY)
     with pytest.warns(RuntimeWarning, match="foreign") as rec:
@@ -319,29 +488,118 @@ def _static(M, N, K, quantized, device):
     return "fused"
 
 
-def _pick(w, M=40, **kw):
-    return tuning.pick(M, w.N, w.K, w, torch.device(DEVICE), _static, **kw)
+CALL = dict(phase="forward", compute_dtype=torch.bfloat16, dropout=False, x_dtype=torch.bfloat16,
+            lora_dtype=torch.bfloat16, rank=16)
+
+
+def _pick(w, M=40, static=_static, **kw):
+    return tuning.pick(M, w.N, w.K, w, torch.device(DEVICE), static, **{**CALL, **kw})
 
 
 def test_the_first_call_tunes_then_one_lookup(cpu_tunable):
-    """The call that meets a new entry tunes both phases (the op does not say which one it is in),
-    writes the cache and picks the strategy of the shorter forward + backward; the next call with the
-    same shape, and a call at another M of the same bucket after a restart, read what was found."""
+    """The call that meets a new entry tunes its phase, writes the cache and picks the fastest; the
+    next call with the same shape, and a call at another M of the same bucket after a restart, read
+    what was found; the other phase is its own entry, tuned at its first call."""
     w = _packed()
     calls = []
     tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
     assert _pick(w) == "dequant"                   # the static rule says fused
-    assert calls.count("dequant") == 2             # forward and backward
+    assert calls.count("dequant") == 1
     n = len(calls)
     assert _pick(w) == "dequant" and len(calls) == n
     tuning.reset()                                 # a new process: the file answers
     tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
     assert _pick(w, M=33) == "dequant" and len(calls) == n
     entries = json.loads(tuning.cache_for(torch.device(DEVICE)).path.read_text())["entries"]
-    assert sorted(k.split("|")[0] for k in entries) == ["backward", "forward"]
-    assert all("M<=64" in k for k in entries)
+    assert [k.split("|")[0] for k in entries] == ["forward"] and all("M<=64" in k for k in entries)
+    assert _pick(w, phase="backward") == "dequant" and calls.count("dequant") == 2
     # another bucket is another entry
-    assert _pick(w, M=65) == "dequant" and len(calls) > n
+    assert _pick(w, M=65) == "dequant" and calls.count("dequant") == 3
+    with pytest.raises(TypeError):
+        tuning.pick(40, w.N, w.K, w, torch.device(DEVICE), _static)       # a call always says what it runs
+
+
+def test_a_new_m_in_a_known_bucket_is_one_lookup(cpu_tunable, monkeypatch):
+    """The memo is keyed by M's bucket: once a bucket is known, no M of it reaches the slow path."""
+    w = _packed()
+    tuning.set_timer(_timer_from({"dequant": 10.0}))
+    assert _pick(w, M=40) == "dequant"
+    keys = set(tuning._PICKS)
+
+    def slow(*args, **kw):
+        raise AssertionError("the slow path for an M of a known bucket")
+    monkeypatch.setattr(tuning, "_pick_slow", slow)
+    assert all(_pick(w, M=M) == "dequant" for M in (33, 41, 63, 64))
+    assert set(tuning._PICKS) == keys
+
+
+def test_the_static_rule_still_sees_the_calls_m(monkeypatch):
+    """A bucket answered by the tables (here FASTLORA_TUNE=0) asks them with each call's own M: their
+    thresholds need not fall on a bucket's edge."""
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    tuning.reset()
+    w = _packed()
+
+    def threshold(M, N, K, quantized, device):
+        return "dequant" if M >= 1000 else "fused"
+    assert [_pick(w, M=M, static=threshold) for M in (600, 999, 1000, 1024)] == ["fused", "fused", "dequant",
+                                                                                  "dequant"]
+    assert len(tuning._PICKS) == 1                 # one bucket, one key
+
+
+def test_the_memo_is_bounded(cpu_tunable, monkeypatch):
+    monkeypatch.setattr(tuning, "_PICKS_MAX", 3)
+    w = _packed()
+    tuning.set_timer(_timer_from({"dequant": 10.0}))
+    for M in (1, 2, 4, 8, 16, 32, 64):
+        assert _pick(w, M=M) == "dequant"
+        assert len(tuning._PICKS) <= 3
+
+
+def test_the_entry_is_measured_with_the_calls_own_settings(cpu_tunable, monkeypatch):
+    """What the key claims (dtypes, rank, dropout, the weight's blocksize and double quantization) is
+    what was measured, and weights or ranks that differ there get entries of their own."""
+    measured = []
+    real_tune = tuning.tune
+
+    def spy(problem, *args, **kw):
+        measured.append(problem)
+        return real_tune(problem, *args, **kw)
+    monkeypatch.setattr(tuning, "tune", spy)
+    tuning.set_timer(_timer_from({"dequant": 10.0}))
+    w = _packed()
+    call = dict(phase="backward", compute_dtype=torch.float16, dropout=True, x_dtype=torch.float16,
+                lora_dtype=torch.float32, rank=8)
+    _pick(w, **call)
+    (p,) = measured
+    assert (p.phase, p.compute_dtype, p.x_dtype, p.lora_dtype, p.rank) == ("backward", torch.float16, torch.float16,
+                                                                          torch.float32, 8)
+    assert p.dropout_p == tuning.DEFAULT_DROPOUT_P and p.w is w and p.M == 40
+    assert "|bs=64,nested|float16/float16/float32|r=8|dropout=on" in p.key
+    # each of these differs from the entry above in one thing the key holds: tuned anew
+    for other_w, change in ((_packed(blocksize=128), {}), (_packed(nested=False), {}), (w, dict(rank=16)),
+                            (w, dict(lora_dtype=torch.float16)), (w, dict(x_dtype=torch.bfloat16))):
+        n = len(measured)
+        _pick(other_w, **{**call, **change})
+        assert len(measured) == n + 1 and measured[-1].key not in {q.key for q in measured[:-1]}, change
+    assert "|bs=128,nested|" in measured[1].key and "|bs=64|" in measured[2].key
+
+
+def test_the_op_passes_its_own_dtypes_and_rank(monkeypatch):
+    """ops' forward and backward ask for the strategy with x's dtype, lora_dtype and the rank."""
+    asked = []
+
+    def spy(strategy, M, N, K, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank):
+        asked.append((phase, compute_dtype, dropout, x_dtype, lora_dtype, rank))
+        return "fused" if strategy == "auto" else strategy
+    monkeypatch.setattr(ops, "_resolve", spy)
+    w = _packed(N=48, K=64)
+    x = torch.randn(3, 64, device=DEVICE).to(torch.float16).requires_grad_()
+    A = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    B = torch.randn(48, 4, device=DEVICE, requires_grad=True)
+    ops.lora_linear(x, w, A, B, 2.0, dropout_p=0.1, compute_dtype=torch.float16, lora_dtype=torch.float32,
+                    seed=3).sum().backward()
+    assert asked == [(phase, torch.float16, True, torch.float16, torch.float32, 4) for phase in ("forward", "backward")]
 
 
 def test_phase_given_picks_per_phase(cpu_tunable):
@@ -359,6 +617,27 @@ def test_phase_given_picks_per_phase(cpu_tunable):
     assert _pick(w, phase="forward") == "dequant"
     assert _pick(w, phase="backward") == "fused"
     assert fwd_tile in seen
+
+
+def test_an_entry_cut_short_by_the_budget_is_not_saved(cpu_tunable, monkeypatch):
+    """Used in this process, measured again in full by the next."""
+    monkeypatch.setattr(tuning, "_target", lambda device: SM90)     # an H100's alternatives
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
+    monkeypatch.setattr(tuning, "PER_SHAPE_S", 0.0)
+    assert _pick(w) == "dequant" and calls == ["dequant", calls[1]]     # the alternatives skipped
+    assert _pick(w, M=50) == "dequant" and len(calls) == 2
+    path = tuning.cache_for(torch.device(DEVICE)).path
+    assert not path.exists() or json.loads(path.read_text())["entries"] == {}
+    # a complete entry written later does not carry the cut one along
+    assert _pick(w, phase="backward", M=300) == "dequant"
+    monkeypatch.setattr(tuning, "PER_SHAPE_S", 10.0)
+    tuning.reset()
+    tuning.set_timer(_timer_from({"dequant": 10.0}, calls))
+    calls.clear()
+    assert _pick(w) == "dequant" and len(calls) == 2 + tuning.MAX_ALTERNATIVES
+    assert [k.split("|")[0] for k in json.loads(path.read_text())["entries"]] == ["forward"]
 
 
 def test_fastlora_tune_0_uses_the_tables(cpu_tunable, monkeypatch):
@@ -386,7 +665,7 @@ def test_force_retunes_once_per_process(cpu_tunable, monkeypatch):
     tuning.reset()
     calls.clear()
     tuning.set_timer(_timer_from({"dequant": 2000.0}, calls))
-    assert _pick(w) == "fused" and calls.count("dequant") == 2
+    assert _pick(w) == "fused" and calls.count("dequant") == 1
     calls.clear()
     assert _pick(w, M=50) == "fused" and calls == []       # re-tuned once, then read
 
@@ -457,9 +736,19 @@ def test_the_op_resolves_its_strategy_outside_any_trace(monkeypatch):
 
 
 def test_during_cuda_graph_capture(cpu_tunable, monkeypatch):
-    monkeypatch.setattr(tuning, "_DEVICE_TYPES", ("cuda",))
+    """A call inside a capture neither tunes (it would synchronize) nor remembers the static answer:
+    the next eager call tunes."""
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert tuning.static_reason(torch.device("cuda", 0)) == "during CUDA graph capture"
+    monkeypatch.setattr(tuning, "_capturing", lambda device: True)     # the CPU stands in for the GPU
+    w = _packed()
+    calls = []
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert tuning.static_reason(DEVICE) == "during CUDA graph capture"
+    assert _pick(w) == "fused" and calls == [] and tuning._PICKS == {}
+    assert not tuning.cache_dir().exists()
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
+    assert _pick(w) == "dequant" and calls
 
 
 def test_process_budget(cpu_tunable, monkeypatch):
@@ -471,13 +760,28 @@ def test_process_budget(cpu_tunable, monkeypatch):
     assert _pick(w) == "fused" and calls == []
 
 
-def test_a_failed_tuning_keeps_the_tables(cpu_tunable, caplog):
+@pytest.mark.parametrize("failing", ["dequant", "table"])
+def test_a_failed_tuning_keeps_the_tables(cpu_tunable, caplog, failing):
+    """dequant or the table's tile failing (here a CUDA error) is not a measurement: one warning, the
+    static rule for that shape for the rest of the process, nothing cached; the next run tries again."""
+    calls = []
+
     def timer(cand, fn, budget_s):
-        raise RuntimeError("CUDA error: unspecified launch failure")   # every candidate fails
+        calls.append(cand.name)
+        if (cand.name == "dequant") == (failing == "dequant"):
+            raise RuntimeError("CUDA error: unspecified launch failure")
+        return 1e-3
     tuning.set_timer(timer)
+    w = _packed()
     with caplog.at_level("WARNING", logger="fastlora.tuning"):
-        assert _pick(_packed()) == "fused"
-    assert "static tables stay in use" in caplog.text
+        assert _pick(w) == "fused"
+    assert "static tables stay in use" in caplog.text and "CUDA error" in caplog.text
+    n = len(calls)
+    assert _pick(w, M=50) == "fused" and len(calls) == n          # not retried in this process
+    assert not tuning.cache_for(torch.device(DEVICE)).path.exists()
+    tuning.reset()
+    tuning.set_timer(_timer_from({"dequant": 1.0}, calls))
+    assert _pick(w) == "dequant" and len(calls) > n
 
 
 def test_the_op_asks_the_tuned_pick_on_cuda():
@@ -485,11 +789,13 @@ def test_the_op_asks_the_tuned_pick_on_cuda():
     be tuned without a GPU), elsewhere the static rule; an explicit strategy is never replaced."""
     w = _packed()
     dev = torch.device("cuda", 0)
-    tuning._PICKS[(0, 40, w.N, w.K, w.blocksize, "forward", torch.bfloat16, True, None, None)] = "dequant"
+    bf16 = torch.bfloat16
+    tuning._PICKS[(0, 64, w.N, w.K, w.blocksize, True, "forward", bf16, True, bf16, bf16, 8)] = "dequant"
+    call = ("forward", bf16, True, bf16, bf16, 8)
     assert ops.choose_strategy(40, w.N, w.K, True, torch.device("cpu")) == "fused"
-    assert ops._resolve("auto", 40, w.N, w.K, w, dev, "forward", torch.bfloat16, True) == "dequant"
-    assert ops._resolve("fused", 40, w.N, w.K, w, dev, "forward", torch.bfloat16, True) == "fused"
-    assert ops._resolve("auto", 40, w.N, w.K, w, torch.device("cpu"), "forward", torch.bfloat16, True) == "fused"
+    assert ops._resolve("auto", 40, w.N, w.K, w, dev, *call) == "dequant"
+    assert ops._resolve("fused", 40, w.N, w.K, w, dev, *call) == "fused"
+    assert ops._resolve("auto", 40, w.N, w.K, w, torch.device("cpu"), *call) == "fused"
 
 
 def test_the_tuned_tile_is_installed(cpu_tunable, monkeypatch):
@@ -497,12 +803,29 @@ def test_the_tuned_tile_is_installed(cpu_tunable, monkeypatch):
     w = _packed()
     p = tuning.Problem("backward", w, 40, torch.bfloat16, torch.bfloat16, torch.bfloat16)
     J, I = tuning.product_dims("backward", w.N, w.K)
+    table = tuning.candidates("frozen4", 40, J, I, SM90)[1].tile
     tile = TileConfig(16, 64, 64, 4, 1, 1)
     tuning._install(p, {"strategy": "fused", "fused_tile": tuning.tile_tuple(tile)}, SM90)
-    assert configs.select("frozen4", 40, J, I, SM90) == TileConfig(16, 64, 64, 4, 1, 1)
-    assert configs.select("frozen4", 40, I, J, SM90) != configs.select("frozen4", 40, J, I, SM90)  # forward untouched
+    assert configs.select("frozen4", 40, J, I, SM90, trans_w=True) == tile
+    assert configs.select("frozen4", 40, J, I, SM90) == table            # a caller that does not say: the table
+    assert configs.select("frozen4", 40, I, J, SM90, trans_w=False) != tile                      # forward untouched
     tuning.reset()
-    assert configs.select("frozen4", 40, J, I, SM90) == tuning.candidates("frozen4", 40, J, I, SM90)[1].tile
+    assert configs.select("frozen4", 40, J, I, SM90, trans_w=True) == table
+
+
+def test_a_square_weight_keeps_a_tile_per_phase(cpu_tunable):
+    """N == K (q_proj, o_proj): forward and backward products have the same [J, I], and each phase's
+    measured tile stays in force for that phase alone."""
+    w = _packed(N=128, K=128)
+    fwd, bwd = TileConfig(16, 64, 64, 4, 1, 1), TileConfig(16, 128, 64, 8, 2, 4)
+    for phase, tile in (("forward", fwd), ("backward", bwd)):
+        p = tuning.Problem(phase, w, 40, torch.bfloat16, torch.bfloat16, torch.bfloat16)
+        assert tuning.product_dims(phase, w.N, w.K) == (128, 128)
+        tuning._install(p, {"strategy": "fused", "fused_tile": tuning.tile_tuple(tile)}, SM90)
+    assert configs.select("frozen4", 40, 128, 128, SM90, trans_w=False) == fwd
+    assert configs.select("frozen4", 40, 128, 128, SM90, trans_w=True) == bwd
+    tuning.reset()
+    assert configs.select("frozen4", 40, 128, 128, SM90, trans_w=False) == configs.select("frozen4", 40, 128, 128, SM90)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,9 +857,15 @@ def test_tune_command_without_a_gpu():
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert sum("down_proj 4096x14336" in ln for ln in lines) == 4     # 2 M x 2 phases
-    assert "dequant, fused 16x128x128 w4 s1 k32" in r.stdout       # sm_90's M <= 16 row
-    assert "96 candidates in all" in r.stdout                       # 16 entries x (dequant + table + 4)
+    shapes = tuning.projection_shapes("llama3-8b")
+    Ms, phases = (16, 4096), tuning.PHASES
+    assert sum("down_proj 4096x14336" in ln for ln in lines) == len(Ms) * len(phases)
+    small_row = configs.TABLES["sm_90"]["frozen4"][0]
+    assert small_row[0] >= 16                                         # the row M = 16 gets
+    assert f"dequant, {tuning.Candidate('fused', small_row[1]).name}" in r.stdout
+    # every projection of a Llama has room for all the alternatives
+    total = len(shapes) * len(Ms) * len(phases) * (2 + tuning.MAX_ALTERNATIVES)
+    assert f"{total} candidates in all" in r.stdout
 
 
 def test_tune_rows_with_injected_timer(cpu_tunable):
