@@ -63,8 +63,8 @@ _INF = 1 << 62
 # shared memory, registers and instructions per decoded weight each row compiles to. Why these rows:
 #   frozen4, M <= 16: a 16-row tile (the smallest MMA tile), split-K up to 32 ways to fill the GPU:
 #     at small M the product reads the weight once, and only the decode's instructions and the bytes
-#     matter. 128 wide with 8 warps: 140-191 registers on sm_80..sm_89 where 16 x 256 x 128 reached
-#     255 and spilled 8 B on sm_86 / sm_89 once each tile's last split program adds the partials up
+#     matter. 128 wide with 8 warps: 16 x 256 x 128 reached 255 registers and spilled 8 B on sm_86 /
+#     sm_89 once each tile's last split program adds the partials up
 #   frozen4, M > 16: 128 x 128 x 64 with 8 warps: twice the MMA work per decoded weight of 128 x 64,
 #     and no spills with the dropout mask's one Philox call per four elements
 #   lora16: 8 warps for the 128-row tile: with 4, odd K (unaligned rows, no cp.async) spilled
@@ -91,8 +91,12 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     "sm_90": {**_SM80_UP, "frozen4": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 128, 64, 8, 2, 32))],
               "frozen4_lora32": [(16, _C(16, 128, 128, 4, 1, 32)), (_INF, _C(128, 64, 64, 8, 2, 32))]},
     "sm_80": dict(_SM80_UP),
-    # 99 KB per block: the small-M dense tile with 2 stages, not 3
-    "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))]},
+    # 99 KB per block: the small-M dense tile with 2 stages, not 3. The M <= 16 4-bit tile with 1
+    # stage: with 2, ptxas held X·Wᵀ and dY·W to 128 registers and spilled 8-16 B on sm_86 / sm_89
+    # (at most 198 with 1 stage, and the same modelled time)
+    "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
+              "frozen4": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
+              "frozen4_lora32": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]},
     "sm_75": {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
