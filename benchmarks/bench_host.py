@@ -61,7 +61,7 @@ import gc
 import inspect
 import statistics
 import time
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import functools
 import gc
-import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -82,31 +80,14 @@ def _version(pkg: str) -> Optional[str]:
         return getattr(mod, "__version__", None)
 
 
-def _source_sha256() -> str:
-    """sha256 over fastlora's and the kernels' Python sources (path + bytes, sorted by path)."""
-    h = hashlib.sha256()
-    for folder in ("fastlora", "kernels", "benchmarks"):
-        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=1)
 def fastlora_revision() -> dict:
-    """{'commit', 'dirty', 'source_sha256'}. ``FASTLORA_COMMIT`` overrides git (the GPU machine gets a
-    copy of the working tree without ``.git``); the source hash is computed either way."""
-    commit, dirty = os.environ.get("FASTLORA_COMMIT") or None, None
-    if commit is None:
-        try:
-            commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=10, check=True).stdout.strip() or None
-            status = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10, check=True).stdout
-            dirty = bool(status.strip())
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    return {"commit": commit or "unknown", "dirty": dirty, "source_sha256": _source_sha256()}
+    """{'commit', 'dirty', 'source_sha256'}: ``fastlora.check.revision`` (``FASTLORA_COMMIT`` overrides
+    git: the GPU machine gets a copy of the working tree without ``.git``; the source hash is computed
+    either way), once per process."""
+    from fastlora.check import revision
+
+    return revision()
 
 
 @functools.lru_cache(maxsize=4)

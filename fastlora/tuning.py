@@ -1030,7 +1030,6 @@ def _peft_us(layer, M: int, p: float, budget_s: float, timer: Optional[Timer]) -
     leaves = [x, layer.A, layer.B]
     out = {"forward": timer(peft, fwd, budget_s / 2) * 1e3,
            "backward": timer(peft, lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), budget_s / 2) * 1e3}
-    del y
     return out
 
 

@@ -6,7 +6,6 @@ run), so it runs in a child process without TRITON_INTERPRET, which conftest set
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

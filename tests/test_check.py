@@ -85,7 +85,7 @@ def test_the_record_carries_harness_fastlora_fields(report):
     rep, out = report
     rec = json.loads((out / "check.jsonl").read_text().splitlines()[0])
     assert set(rec["fastlora"]) == set(harness.fastlora_revision()) == {"commit", "dirty", "source_sha256"}
-    assert check.revision()["source_sha256"] == harness._source_sha256()          # a checkout: the very hash
+    assert check.revision()["source_sha256"] == harness.fastlora_revision()["source_sha256"]
     for field in harness.REQUIRED_FIELDS:
         assert field in rec, field
 
