@@ -112,15 +112,13 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 }
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
-# GEMM, per family. Set from fastlora inspect's model of a whole training step (forward + backward, the
-# four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16, adapters under
-# autocast), fused / dequant µs:
-#   sm_90  M=16: 84 / 429   M=512: 431 / 679   M=2048: 1,644 / 2,014   M=16384: 12,855 / 14,189
-#   sm_80  M=128: 445 / 688   M=512: 1,400 / 1,412   M=1024: 2,633 / 2,447   M=8192: 17,971 / 17,102
-#   sm_8x  (sm_89) M=512: 1,857 / 2,627   M=2048: 7,316 / 8,394   M=16384: 58,419 / 62,220
-# sm_90 and sm_8x: fused ahead at every M inspected (1..16384); the fused kernel saves writing and
-# re-reading the dequantized W. Above the largest M inspected (from 32768), dequant.
-#   sm_75  no tensor cores for Triton's tl.dot: always cuBLAS.
+# GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
+# and keeps the faster). Set where fastlora inspect's model of a whole training step (forward +
+# backward, the four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16,
+# adapters under autocast) puts the crossover: sm_90 and sm_8x have the fused kernel ahead at every M
+# inspected (1..16384: it saves writing and re-reading the dequantized W), so dequant from 32768;
+# sm_80 crosses near M = 1024; sm_75 has no tensor cores for Triton's tl.dot: always cuBLAS.
+# `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
 DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0}
 
