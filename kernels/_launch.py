@@ -138,8 +138,19 @@ def require_runnable(device, what: str) -> None:
         _interpreter.require_runnable(device, what)
 
 
-def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, or a recorded :class:`Launch` inside :func:`recording`."""
+def on_device(index: Optional[int]):
+    """A guard that makes CUDA device ``index`` the current one for a launch, where it is not already
+    (Triton launches on the current device, whatever device the tensors are on: a layer on cuda:1
+    called while cuda:0 is current would read cuda:1's memory from cuda:0). None, or the current
+    device already: no guard."""
+    if index is None or torch.cuda.current_device() == index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
+def launch(kernel, grid, *args, device=None, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on ``device`` (the tensors' device, or its CUDA index; None:
+    the current one), or a recorded :class:`Launch` inside :func:`recording`."""
     rec = _recorder()
     if rec is not None:
         rec.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
@@ -149,7 +160,18 @@ def launch(kernel, grid, *args, **kwargs):
 
         with _target_caches(kernel, GPUTarget("cuda", _STUB.target.cc, 32)):
             return kernel[grid](*args, **kwargs)
+    index = _cuda_index(device)
+    if index is not None and not _interpreter.interpreter_active():
+        with on_device(index):
+            return kernel[grid](*args, **kwargs)
     return kernel[grid](*args, **kwargs)
+
+
+def _cuda_index(device) -> Optional[int]:
+    if device is None or isinstance(device, int):
+        return device
+    device = torch.device(device)
+    return device.index if device.type == "cuda" else None
 
 
 class Prepared:
@@ -182,7 +204,7 @@ class Prepared:
         d = _driver.active
         device = d.get_current_device()
         if self.device_index is not None and device != self.device_index:
-            with torch.cuda.device(self.device_index):
+            with on_device(self.device_index):
                 return self(*args)
         stream = d.get_current_stream(device)
         params = args + self.tail
@@ -194,10 +216,7 @@ class Prepared:
         return ck
 
     def _through_jit(self, args):
-        if self.device_index is not None and torch.cuda.current_device() != self.device_index:
-            with torch.cuda.device(self.device_index):
-                return self._through_jit(args)
-        ck = launch(self.kernel, self.grid, *args, **self.kwargs)
+        ck = launch(self.kernel, self.grid, *args, device=self.device_index, **self.kwargs)
         if ck is not None and hasattr(ck, "packed_metadata") and _recorder() is None:
             names = [p.name for p in self.kernel.params]
             self.tail = tuple(self.kwargs[n] for n in names[len(args):])

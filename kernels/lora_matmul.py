@@ -562,5 +562,5 @@ def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
         else:
             args = (out, int(seed) & 0x7FFFFFFF, int(seed) >> 31)
         _launch.launch(_keep_mask_kernel, (_cdiv(M, BM), _cdiv(K, BK)), out, M, K, *args, float(p),
-                       SEED_PTR=isinstance(seed, torch.Tensor), BLOCK_M=BM, BLOCK_K=BK)
+                       SEED_PTR=isinstance(seed, torch.Tensor), BLOCK_M=BM, BLOCK_K=BK, device=out.device)
     return out.bool()

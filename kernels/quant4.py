@@ -269,6 +269,6 @@ def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Opt
         *kernel_args(q), out, numel, (numel + 1) // 2,
         BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, NESTED=q.nested, BLOCK=BLOCK,
         GROUP=min(BLOCK, q.blocksize), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, device=q.device,
     )
     return out

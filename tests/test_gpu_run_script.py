@@ -1,0 +1,65 @@
+"""``benchmarks/gpu_run.sh``, the one script a GPU machine runs, in its dry mode (no GPU needed): every
+step runs in its CPU form (pytest collects the GPU tests by node id, ``fastlora check --help``, a
+one-case layer-benchmark smoke) and the summary lists each step with its status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
+STEPS = ("layout", "install", "versions", "tests", "check", "bench")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_RUN_WHEELS", "GPU_RUN_SITE")}
+    env["PYTHON"] = sys.executable
+    return env
+
+
+def test_script_parses_and_lints():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_usage_errors():
+    ok = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, env=_env())
+    assert ok.returncode == 0 and "--dry" in ok.stdout
+    for args in (["--bogus"], ["--budget", "soon"]):
+        bad = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=_env())
+        assert bad.returncode == 2, (args, bad.stdout, bad.stderr)
+
+
+def test_dry_run_writes_a_summary_with_every_step(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry", "--out", str(out)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}\n{summary}"
+    rows = {}
+    for line in summary.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[0] in STEPS:
+            rows[cells[0]] = cells
+    assert set(rows) == set(STEPS), summary
+    for step, (_, status, seconds, *_rest) in rows.items():
+        assert status == "ok" or status.startswith("skipped: no wheels"), (step, status)
+        assert seconds.isdigit(), (step, seconds)
+    assert "mode: dry" in summary and "- torch:" in summary and "- commit:" in summary
+    assert "collect-only:" in rows["tests"][4] and "tests collected" in rows["tests"][4], rows["tests"]
+    # at most the eight files the GPU machine's output folder gives back
+    files = sorted(p.name for p in out.iterdir())
+    assert set(files) <= {"summary.md", "setup.log", "tests.log", "tests.xml", "check.log", "check.jsonl",
+                          "bench.log", "layer.jsonl"}, files
+    records = [json.loads(line) for line in (out / "layer.jsonl").read_text().splitlines() if line.strip()]
+    assert records and all(r["performance_claim"] is False for r in records)
