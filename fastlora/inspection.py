@@ -15,35 +15,91 @@ inference) and a GPU target, this module
    (``cuobjdump -sass``): tensor-core instructions (HMMA / HGMMA), global-load widths, and the main
    loop — found as the backward branch whose body holds the most tensor-core instructions (the
    longest body when none holds any) — with its instructions per decoded weight element;
-4. **models** the time: max(instruction issue, DRAM bytes / bandwidth, FLOPs / tensor peak), next to
-   the physical floor of the same call, max(bytes / bandwidth, FLOPs / peak). This is a static
-   *model* (every figure it prints is labelled so): it sees no latency, stalls, caches, clock
-   changes, or the inside of cuBLAS.
+4. **models** the time of each launch: the larger of instruction issue, DRAM bytes / bandwidth and
+   tensor-core work, the first and last counted in whole programs on the busiest SM (whole waves),
+   plus the split-K sum pass as a serial tail and a fixed per-launch latency; and the kernels PyTorch
+   launches inside the call (cuBLAS GEMMs, elementwise ops), seen by a dispatch mode while the call is
+   recorded, at their floor plus the same latency. Next to it the physical floor of the same call,
+   max(bytes / bandwidth, FLOPs / peak). This is a static *model* (every figure it prints is
+   labelled so), not a measurement.
 
 The formulas (per launch; all figures of a target come from ``kernels.targets.TARGETS``):
 
     programs      = product of the grid
     resident      = programs per SM that fit at once = min(max blocks, max warps / warps,
-                    65536 / (regs·32·warps), smem per SM / shared)          (occupancy)
+                    65536 / (regs·32·warps), smem per SM / (shared + 1 KiB reserved per block, sm_80+))
+    per SM        = ceil(programs / SMs): the whole programs the busiest SM runs
+    waves         = ceil(programs / (resident · SMs))
     instr/program = SASS instructions outside the main loop + loop body × trips, trips =
-                    ceil(ceil(I / BLOCK_I) / splits) (splits: grid axis 1, split-K)
-    issue time    = ceil(programs / SMs) · warps · instr/program / (min(4, warps·min(resident,
-                    ceil(programs/SMs))) · clock)                          (one warp-instr per scheduler-clock)
+                    ceil(ceil(I / BLOCK_I) / splits) (splits: grid axis 1, split-K); with split-K, less
+                    the sum loop's own code (SUM_CODE_TRIPS trips of it), which every program but a
+                    tile's last one skips (the sum's instructions are in the sum tail)
+    issue time    = per SM · warps · instr/program / (min(4, warps·min(resident, per SM)) · clock)
+                                                                          (one warp-instr per scheduler-clock)
     bytes         = every operand read once and the output written once (re-reads across programs
                     assumed to hit L2): A M·I·e, W J·I·e (4-bit: J·I/2 + absmax), out M·J·e
                     (twice when accumulated), LoRA factors, bias; split-K: the fp32 partials,
                     splits·M·J·4 written by the programs of a split and read back by each tile's last
     FLOPs         = 2·M·J·I (+ 2·M·J·r for the LoRA epilogue)
-    tensor time   = FLOPs / (tensor peak of the compute dtype · min(1, programs / SMs)),
-                    only where the SASS has tensor-core instructions (FMA work is in the issue time)
+    tensor time   = per SM · one program's tensor work / (tensor peak / SMs); one program's work is
+                    its whole tile, padding included (the MMA instructions compute it):
+                    2·BLOCK_M·BLOCK_J·BLOCK_I·trips for a 16-bit main loop, + 2·BLOCK_M·BLOCK_J·r (r
+                    rounded up to BLOCK_R) for a 16-bit LoRA epilogue; only where the SASS has
+                    tensor-core instructions (fp32 products run on FMA: their work is in the issue time)
+    DRAM time     = bytes / bandwidth (no waves: the bandwidth is the whole GPU's)
+    sum tail      = split-K only: each tile's last program adds the `splits` slices after the others
+                    have stored theirs; the sums of the tiles whose last program runs in the last wave
+                    (tail tiles = min(tiles, programs in the last wave): all tiles for a one-wave grid)
+                    are a tail after the main pass, the other tiles' sums overlap the last waves (their
+                    reads are in the DRAM time, their instructions in the issue time):
+                    max(chain, sum issue on the busiest SM, the tail tiles' partials / bandwidth),
+                    chain = (2 + ceil(splits / SUM_UNROLL)) · L2_ROUND_TRIP_CYCLES / clock + one sum's
+                    issue (the release fence and the arrival atomic, then the sum loop, which ptxas
+                    unrolls SUM_UNROLL times and which issues the next loads only after adding the last);
+                    sum issue = ceil(tail tiles / SMs) · warps · splits · instr/trip / (min(4, warps·
+                    ceil(tail tiles / SMs)) · clock), instr/trip = e + e/2 + 2·e/v + 2 per thread (e = BLOCK_M·BLOCK_J
+                    / (32·warps) fp32 elements: the adds, the zero fills of the masked loads (two
+                    registers per CS2R), the v-wide loads (v = min(4, e)) with their addresses, the loop)
+    launch time   = max(issue, DRAM time of all but the tail's read-back, tensor time) + sum tail
+                    + KERNEL_LATENCY_US
     floor         = max(bytes / bandwidth, FLOPs / peak), peak = tensor peak of the compute dtype
                     (fp32 FMA peak for fp32 products)
 
-For the "dequant" strategy the frozen product runs in cuBLAS, which is modelled at its own floor
-(max(bytes / bandwidth, FLOPs / tensor peak) for the bf16/fp16 GEMM on the dequantized W).
+Whole waves: a program's tensor time is one program's work at its SM's share of the peak, and the
+busiest SM runs ceil(programs / SMs) programs one after another. With one resident program per SM
+(the big tiles) that is exactly the wave count, each wave costing one program's tensor time (sm_86,
+q/o Y at M = 512: 128 programs on 82 SMs are 2 waves, not 128/82 = 1.56); with R resident programs
+the SM's tensor cores are shared by them, so a full wave costs R programs' work and a last, partial
+wave only the programs it holds. The issue time counts the same whole programs per SM. The DRAM
+time has no wave structure here (see below).
+
+The kernels PyTorch launches inside a call, observed as ATen ops (everything but views and
+allocations; a factory op without tensor inputs, such as the one-time zeroed split-K counters, is
+setup, not part of a call): a GEMM (``mm``, ``addmm``, ...: cuBLAS, the "dequant" strategy's frozen
+product) at max(bytes / bandwidth, 2·m·n·k / tensor peak of its dtype); any other op (the fp16
+``add_`` that sums the frozen product and the LoRA term on the "dequant" path, a ``copy_`` or cast
+where dtypes differ) at bytes / bandwidth, bytes = every tensor it reads + what it writes; each plus
+KERNEL_LATENCY_US. dA and dB need no cast kernel: the kernel stores them in the parameter's dtype.
+
 A step's floor: the frozen GEMMs at the tensor peak (4·M·N·K FLOPs for a training step, 2·M·N·K for
 inference) against the 4-bit weight read once per frozen GEMM (N·K/2 bytes + absmax) plus the
-activations it must move (X, Y; dY, dX); the larger of the two.
+activations it must move (X, Y; dY, dX); the larger of the two. The eager step adds LAUNCH_US per
+launch (the gap between dependent launches, which a CUDA graph removes) to the modelled GPU time.
+
+What the model leaves out:
+
+- latency other than its two named terms (KERNEL_LATENCY_US per launch, the sum tail's L2 round
+  trips): the main loop's pipeline fill, memory and dependency stalls, barrier waits, bank conflicts;
+- caches: re-reads across programs are assumed to hit L2 and cost nothing, L2 capacity misses are
+  not modelled, and the split-K partials count as DRAM traffic though they mostly stay in L2;
+- a per-SM bandwidth limit: a grid with few programs is assumed to draw the whole DRAM bandwidth;
+- clock changes (power and thermal limits): every rate is the table's;
+- the inside of cuBLAS: its GEMMs at their floor, without tiles, waves or split-K;
+- overlap between kernels: each launch's time is added to the last;
+- the host (only with ``--host``, measured) and, in the GPU time, the launch gaps (LAUNCH_US);
+- the sum loop's code is modelled from its tile, not read from the SASS;
+- what lies outside the layer call: gradient accumulation's adds into ``.grad`` (every micro-batch
+  after the first), the optimizer, activation checkpointing's recompute.
 """
 
 from __future__ import annotations
@@ -76,6 +132,23 @@ MODEL = "model"   # the word every modelled figure carries
 # kernel's start on one stream, for kernels launched eagerly (a few µs on recent GPUs). Each launch
 # of a step, cuBLAS's included, adds it to the GPU's time; CUDA graphs remove most of it.
 LAUNCH_US = 3.0
+# An assumed figure: the GPU time every kernel takes beyond its throughput terms (dispatching its
+# first programs, their first DRAM loads before any arithmetic, the drain of the last stores and
+# the completion), so no launch is modelled below it: profilers report ~2 µs for the smallest
+# kernels (a few-element elementwise op) on A100 / H100. Added to every launch's modelled time,
+# cuBLAS's and PyTorch's included; unlike LAUNCH_US, a CUDA graph does not remove it.
+KERNEL_LATENCY_US = 2.0
+# An assumed figure: an SM's round trip to L2 and back, in SM clocks (microbenchmarks of Ampere,
+# Ada and Hopper measure ~200-300 cycles for an L2 hit, the far partition of A100 / H100 included).
+L2_ROUND_TRIP_CYCLES = 300
+# The split-K sum loop as ptxas lays it out (the SASS of the sum shows it): the body unrolled four
+# times, the next four partial loads issued only after the last four were added, then a two-trip
+# block and a one-trip loop for the rest; SUM_CODE_TRIPS trips of code in all, run once per
+# program only by a tile's last program (the others run the loop zero times)
+SUM_UNROLL = 4
+SUM_CODE_TRIPS = 7
+# shared memory the CUDA runtime reserves per block from compute capability 8.0 on
+SMEM_RESERVED_PER_BLOCK = 1024
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ELT = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.uint8: 1, torch.int64: 8, torch.int8: 1}
@@ -228,7 +301,10 @@ class Sass:
 
 
 def is_mma(op: str) -> bool:
-    return op.startswith(("HMMA", "HGMMA", "IMMA"))
+    """A tensor-core instruction: HMMA / IMMA (mma.sync, sm_75 and up), HGMMA (wgmma, sm_90) or a
+    tcgen05 UTC*MMA (UTCHMMA for 16-bit operands, sm_100)."""
+    head = op.split(".")[0]
+    return head.startswith(("HMMA", "HGMMA", "IMMA")) or (head.startswith("UTC") and head.endswith("MMA"))
 
 
 def _load_width(op: str) -> int:
@@ -261,6 +337,7 @@ class KernelFacts:
     ldg_widths: Dict[str, int] = field(default_factory=dict)
     loop_instructions: int = 0
     loop_found: str = ""
+    ptx_fma: int = 0     # fp32 fused multiply-adds in the PTX (none where fp fusion is off and no dot runs on FMA)
 
 
 _FACTS_CACHE: Dict[tuple, KernelFacts] = {}
@@ -308,6 +385,7 @@ def kernel_facts(launch: _launch.Launch, target) -> KernelFacts:
         num_warps=int(md.num_warps), num_stages=int(md.num_stages), sass_instructions=len(sass.instructions),
         mma=sass.count(is_mma), mma_in_loop=loop_mma, ldg_widths=dict(sorted(widths.items())),
         loop_instructions=loop_n, loop_found=how,
+        ptx_fma=len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", ck.asm["ptx"])),
     )
     _FACTS_CACHE[key] = facts
     return facts
@@ -361,11 +439,58 @@ def _launch_work(launch: _launch.Launch, c: Call):
     return flops, byts, decoded, trips, compute
 
 
+def _launch_args(launch: _launch.Launch) -> dict:
+    a = dict(zip(launch.kernel.arg_names, launch.args))
+    a.update(launch.kwargs)
+    return a
+
+
+def _program_tensor_flops(a: dict, trips: int) -> Dict[str, int]:
+    """The tensor-core work of one program of a ``_lora_matmul_kernel`` launch, its whole tile
+    (padding included), by operand dtype: {"main": ..., "lora": ...}, 0 for a part that is fp32
+    (FMA) or absent."""
+    bm, bj = a["BLOCK_M"], a["BLOCK_J"]
+    main = 2 * bm * bj * a["BLOCK_I"] * trips if "float32" not in str(a["COMPUTE"]) else 0
+    lora = 0
+    if a["HAS_LORA"] and a["rank"] and a["l_ptr"].dtype != torch.float32:
+        br = a["BLOCK_R"]
+        lora = 2 * bm * bj * -(-a["rank"] // br) * br
+    return {"main": main, "lora": lora}
+
+
+@dataclass(frozen=True)
+class SumPass:
+    """The split-K sum of one launch: each tile's last program adds ``splits`` fp32 slices."""
+
+    splits: int
+    tiles: int
+    elements: int            # fp32 partial elements per thread per slice
+    instr_per_trip: float    # per thread (= per warp), one slice
+    read_bytes: int          # the partials read back
+
+
+def _sum_pass(launch: _launch.Launch, warps: int) -> Optional[SumPass]:
+    """The split-K sum pass of a ``_lora_matmul_kernel`` launch (None without split-K), modelled from
+    its tile: per thread and slice e = BLOCK_M·BLOCK_J/(32·warps) fp32 elements, loaded v = min(4, e)
+    at a time: e adds, e/2 zero fills (the masked loads' ``other``: two registers per CS2R), e/v
+    loads and e/v address computations, 2 for the loop."""
+    a = _launch_args(launch)
+    if "lora_matmul" not in launch.name or not a.get("SPLIT") or len(launch.grid) < 2:
+        return None
+    splits = int(launch.grid[1])
+    e = max(1, a["BLOCK_M"] * a["BLOCK_J"] // (32 * warps))
+    v = min(4, e)
+    loads = -(-e // v)
+    return SumPass(splits=splits, tiles=int(launch.grid[0]), elements=e,
+                   instr_per_trip=e + e / 2 + 2 * loads + 2, read_bytes=splits * a["M"] * a["J"] * 4)
+
+
 def _occupancy(f: KernelFacts, t: Target) -> int:
     warps = max(1, f.num_warps)
     regs = max(1, -(-max(f.registers, 1) // 8) * 8)
     by_regs = t.regs_per_sm // (regs * 32 * warps)
-    by_smem = t.smem_per_sm // f.shared if f.shared else t.max_blocks_per_sm
+    reserved = SMEM_RESERVED_PER_BLOCK if t.cc >= 80 else 0
+    by_smem = t.smem_per_sm // (f.shared + reserved) if f.shared else t.max_blocks_per_sm
     return max(0, min(t.max_blocks_per_sm, t.max_warps_per_sm // warps, by_regs, by_smem))
 
 
@@ -387,31 +512,69 @@ class LaunchReport:
     issue_us: float
     dram_us: float
     tensor_us: float
-    model_us: float                      # max of the three: a model, not a measurement
+    model_us: float                      # max(issue, DRAM, tensor) + sum tail + latency: a model, not a measurement
     floor_us: float
+    waves: int = 1                       # ceil(programs / (resident · SMs))
+    per_sm: int = 1                      # whole programs on the busiest SM: ceil(programs / SMs)
+    sum_us: float = 0.0                  # the split-K sum tail (0 without split-K): a model
+    sum_instructions: float = 0.0        # per thread, one tile's whole sum (splits × per trip)
+    sum_tail_bytes: int = 0              # the partials read back in the sum tail (the last wave's tiles)
+    latency_us: float = 0.0              # KERNEL_LATENCY_US
 
 
 def model_launch(launch: _launch.Launch, c: Call, t: Target, f: KernelFacts) -> LaunchReport:
     flops, byts, decoded, trips, compute = _launch_work(launch, c)
     kw = launch.kwargs
+    matmul = "lora_matmul" in launch.name
     programs = launch.programs
     occ = _occupancy(f, t) if f.compiled else 0
-    per_sm = -(-programs // t.sms)
+    per_sm = -(-programs // t.sms)                     # whole programs on the busiest SM
+    waves = -(-programs // (max(1, occ) * t.sms))
     warps = max(1, f.num_warps or kw.get("num_warps", 4))
+    clock = t.clock_ghz * 1e9
+    bw = t.dram_gbs * 1e9
+    sp = _sum_pass(launch, warps) if matmul else None
     other = max(0, f.sass_instructions - f.loop_instructions)
-    instr_pp = other + f.loop_instructions * trips if "lora_matmul" in launch.name else f.sass_instructions
+    if sp is not None:   # the sum loop's code: only a tile's last program runs it (in the sum tail)
+        other = max(0, other - SUM_CODE_TRIPS * sp.instr_per_trip)
+    instr_pp = other + f.loop_instructions * trips if matmul else f.sass_instructions
     sched = min(t.schedulers_per_sm, warps * max(1, min(occ or 1, per_sm)))
-    issue = per_sm * warps * instr_pp / (sched * t.clock_ghz * 1e9)
-    dram = byts / (t.dram_gbs * 1e9)
+    issue = per_sm * warps * instr_pp / (sched * clock)
+    dram = byts / bw
     peak = t.tensor_tflops(compute) if compute is not None else None
-    if f.mma and peak:
+    tensor = 0.0
+    if f.mma and matmul:
+        a = _launch_args(launch)
+        work = _program_tensor_flops(a, trips)
+        lora_peak = t.tensor_tflops(a["l_ptr"].dtype) if a["HAS_LORA"] else None
+        for part, pk in (("main", peak), ("lora", lora_peak)):
+            if work[part] and pk:   # per SM: its whole programs, each at the SM's share of the peak
+                tensor += per_sm * work[part] / (pk * 1e12 / t.sms)
+    elif f.mma and peak:
         tensor = flops / (peak * 1e12 * min(1.0, programs / t.sms))
-    else:
-        tensor = 0.0
+    tail = 0.0
+    tail_bytes = 0
+    main_dram = dram
+    if sp is not None:
+        # the tiles whose last program runs in the last wave sum after the main pass: a tail; the
+        # others' sums overlap the last waves (their reads in the DRAM time, their adds in the issue)
+        last_wave = programs - (waves - 1) * max(1, occ) * t.sms
+        tail_tiles = max(1, min(sp.tiles, last_wave))
+        tail_bytes = sp.read_bytes * tail_tiles // sp.tiles
+        main_dram = (byts - tail_bytes) / bw
+        early_per_sm = -(-(sp.tiles - tail_tiles) // t.sms)
+        issue += early_per_sm * warps * sp.splits * sp.instr_per_trip / (sched * clock)
+        last_per_sm = -(-tail_tiles // t.sms)         # the tiles' last programs, spread over the SMs
+        one = warps * sp.splits * sp.instr_per_trip / (min(t.schedulers_per_sm, warps) * clock)
+        all_sums = (last_per_sm * warps * sp.splits * sp.instr_per_trip
+                    / (min(t.schedulers_per_sm, warps * last_per_sm) * clock))
+        chain = (2 + -(-sp.splits // SUM_UNROLL)) * L2_ROUND_TRIP_CYCLES / clock + one
+        tail = max(chain, all_sums, tail_bytes / bw)
+    latency = KERNEL_LATENCY_US * 1e-6
     floor_peak = (peak if peak else t.fp32_tflops) * 1e12
     floor = max(dram, flops / floor_peak)
     ipw = None
-    if decoded and f.loop_instructions and "lora_matmul" in launch.name:
+    if decoded and f.loop_instructions and matmul:
         ipw = f.loop_instructions * warps * 32 / (kw["BLOCK_I"] * kw["BLOCK_J"])
     elif decoded and "dequant" in launch.name:
         ipw = f.sass_instructions * warps * 32 / kw["BLOCK"]
@@ -422,8 +585,25 @@ def model_launch(launch: _launch.Launch, c: Call, t: Target, f: KernelFacts) -> 
         config=cfg, facts=f, fits=f.compiled and f.shared <= t.smem_per_block and f.stack == 0 and f.local == 0,
         smem_limit=t.smem_per_block, resident_per_sm=occ, flops=flops, bytes=byts, instr_per_weight=ipw,
         issue_us=issue * 1e6, dram_us=dram * 1e6, tensor_us=tensor * 1e6,
-        model_us=max(issue, dram, tensor) * 1e6, floor_us=floor * 1e6,
+        model_us=(max(issue, main_dram, tensor) + tail + latency) * 1e6, floor_us=floor * 1e6,
+        waves=waves, per_sm=per_sm, sum_us=tail * 1e6, sum_tail_bytes=tail_bytes,
+        sum_instructions=sp.splits * sp.instr_per_trip if sp is not None else 0.0, latency_us=latency * 1e6,
     )
+
+
+@dataclass
+class TorchLaunchReport:
+    """A kernel PyTorch launches inside the call (an ATen op: a cuBLAS GEMM, an elementwise op),
+    modelled at its floor + KERNEL_LATENCY_US."""
+
+    label: str                # "cuBLAS mm", "torch add_"
+    op: str                   # the ATen op, "aten.mm.out"
+    phase: str                # "forward" or "backward"
+    after: int                # how many of the call's Triton launches run before it
+    flops: int
+    bytes: int
+    model_us: float           # floor + KERNEL_LATENCY_US: a model, not a measurement
+    floor_us: float
 
 
 @dataclass
@@ -431,12 +611,13 @@ class CallReport:
     call: Call
     target: str
     launches: List[LaunchReport]
-    cublas_us: float          # the cuBLAS GEMMs of the dequant strategy, modelled at their floor
-    model_us: float           # Σ launches + cuBLAS: a model
+    cublas_us: float          # the cuBLAS GEMMs (the dequant strategy's), modelled at their floor + latency
+    model_us: float           # Σ launches + Σ PyTorch's kernels (cuBLAS's included): a model
     compute_floor_us: float
     memory_floor_us: float
-    launch_us: float = 0.0    # launches (cuBLAS's included) × LAUNCH_US: a model
+    launch_us: float = 0.0    # launches (cuBLAS's and PyTorch's included) × LAUNCH_US: a model
     host_us: Optional[float] = None   # the call's host time, measured on this CPU (``--host``), or None
+    torch_launches: List[TorchLaunchReport] = field(default_factory=list)   # PyTorch's kernels of the call
 
     @property
     def eager_us(self) -> float:
@@ -451,30 +632,93 @@ class CallReport:
     def ok(self) -> bool:
         return all(L.fits for L in self.launches)
 
+    @property
+    def n_launches(self) -> int:
+        return len(self.launches) + len(self.torch_launches)
+
     def phase_us(self, phase: str) -> float:
-        """The modelled time of the forward or the backward launches (+ their cuBLAS GEMM)."""
-        gemm = self.cublas_us / (2 if self.call.mode == "train" else 1) if self.cublas_us else 0.0
-        return sum(L.model_us for L in self.launches if L.phase == phase) + gemm
+        """The modelled time of the forward or the backward launches (PyTorch's kernels included)."""
+        return (sum(L.model_us for L in self.launches if L.phase == phase)
+                + sum(L.model_us for L in self.torch_launches if L.phase == phase))
 
 
-def _gemm_floor(M, N, K, dt, t: Target) -> float:
+def _gemm_floor(M, N, K, dt, t: Target, nbytes: Optional[int] = None) -> float:
+    """Seconds: a GEMM [M, K]·[K, N] at the tensor peak of ``dt`` (the fp32 FMA peak for fp32)
+    against its bytes (default: both operands read and the product written once, 16-bit)."""
     peak = t.tensor_tflops(dt) or t.fp32_tflops
-    return max(2 * M * N * K / (peak * 1e12), (M * K + N * K + M * N) * 2 / (t.dram_gbs * 1e9))
+    if nbytes is None:
+        nbytes = (M * K + N * K + M * N) * 2
+    return max(2 * M * N * K / (peak * 1e12), nbytes / (t.dram_gbs * 1e9))
+
+
+# ATen ops PyTorch runs as GEMMs (cuBLAS); ops that launch no kernel besides views
+_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul")
+_NO_KERNEL_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh",
+                  "resize_", "set_", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel",
+                  "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type")
+
+
+def _torch_kernels(c: Call, t: Target) -> List[TorchLaunchReport]:
+    """The kernels PyTorch launches inside the call on ``t``: the call is recorded again under a
+    dispatch mode that sees its ATen ops; every op but views, allocations and factories without
+    tensor inputs launches a kernel, modelled at its floor (a GEMM: bytes / bandwidth against
+    2·m·n·k at the tensor peak of its dtype; any other op: bytes / bandwidth) + KERNEL_LATENCY_US."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    seen = []
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            if not func.is_view and name not in _NO_KERNEL_OPS:
+                ins = [x for x in tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]
+                       if isinstance(x, torch.Tensor)]
+                outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+                if ins:   # a factory without tensor inputs is setup (split-K's counters, once)
+                    rec = _launch._recorder()
+                    seen.append((func, name, ins, outs, len(rec.launches) if rec is not None else 0))
+            return out
+
+    with _Ops():
+        launches = record_call(c, t)
+    res = []
+    bw = t.dram_gbs * 1e9
+    for func, name, ins, outs, after in seen:
+        nbytes = sum(_nbytes(x) for x in ins) + sum(_nbytes(x) for x in outs)
+        phase = (launches[after - 1].phase if after else "forward") or "forward"
+        if name in _GEMM_OPS and outs and len(ins) >= 2:
+            a = [x for x in ins if x.dim() >= 2][0]
+            k = a.shape[-1]
+            flops = 2 * outs[0].numel() * k
+            m = outs[0].numel() // outs[0].shape[-1]
+            floor = _gemm_floor(m, outs[0].shape[-1], k, a.dtype, t, nbytes)
+            label = f"cuBLAS {name}"
+        else:
+            flops, floor, label = 0, nbytes / bw, f"torch {name}"
+        res.append(TorchLaunchReport(label=label, op=str(func), phase=phase, after=after, flops=flops,
+                                     bytes=nbytes, model_us=floor * 1e6 + KERNEL_LATENCY_US,
+                                     floor_us=floor * 1e6))
+    return res
 
 
 def _call_report(c: Call, t: Target, launches, facts: Sequence[KernelFacts]) -> CallReport:
     reports = [model_launch(L, c, t, f) for L, f in zip(launches, facts)]
+    torch_launches = _torch_kernels(c, t)
     dt = _DTYPES[c.dtype]
     gemms = 2 if c.mode == "train" else 1
-    cublas = gemms * _gemm_floor(c.M, c.N, c.K, dt, t) if c.strategy == "dequant" else 0.0
+    cublas = sum(L.model_us for L in torch_launches if L.label.startswith("cuBLAS"))
     peak = (t.tensor_tflops(dt) or t.fp32_tflops) * 1e12
     compute_floor = gemms * 2 * c.M * c.N * c.K / peak
     wbytes = c.N * c.K / 2 + c.N * c.K / c.blocksize * (1 if c.nested else 4) if c.is_4bit else c.N * c.K * 2
     act = (c.M * c.K + c.M * c.N) * 2
     memory_floor = gemms * (wbytes + act) / (t.dram_gbs * 1e9)
-    n_launches = len(reports) + (gemms if c.strategy == "dequant" else 0)
-    return CallReport(c, t.name, reports, cublas * 1e6, sum(r.model_us for r in reports) + cublas * 1e6,
-                      compute_floor * 1e6, memory_floor * 1e6, n_launches * LAUNCH_US)
+    n_launches = len(reports) + len(torch_launches)
+    model = sum(r.model_us for r in reports) + sum(r.model_us for r in torch_launches)
+    return CallReport(c, target_key(t), reports, cublas, model, compute_floor * 1e6, memory_floor * 1e6,
+                      n_launches * LAUNCH_US, torch_launches=torch_launches)
 
 
 def measure_host(c: Call, target, reps: int = 30) -> float:
@@ -556,14 +800,22 @@ def calls_for(shapes: Dict[str, tuple], ms: Sequence[int], *, rank=16, dropout=0
             for name, (N, K) in shapes.items() for M in ms for s in strategies for mode in modes]
 
 
+def target_key(t: Target) -> str:
+    """How reports name a target: its arch ("sm_90") for the arch's own entry, else its board ("H100
+    PCIe"), so that several boards of one arch can be inspected side by side."""
+    return t.name if TARGETS.get(t.name) is t else t.gpu
+
+
 def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None,
-        host: bool = False) -> List[CallReport]:
+        host: bool = False, triton_path: Optional[str] = None) -> List[CallReport]:
     """Inspect ``calls`` on ``targets``: each distinct specialization is compiled once, ``jobs``
     compiles at a time (default: the CPU count); ``host``: also measure each call's host time on
     this CPU (:func:`measure_host`). In a process whose kernels run in Triton's interpreter this
-    starts a fresh process without TRITON_INTERPRET and returns its answer."""
-    if not kernels_compilable():
-        return _run_elsewhere(calls, targets, jobs, host)
+    starts a fresh process without TRITON_INTERPRET and returns its answer. ``triton_path``: a
+    folder holding another Triton (``pip install --target DIR triton==X``), put first on the
+    worker's import path: the same launches compiled by that Triton's compiler."""
+    if triton_path is not None or not kernels_compilable():
+        return _run_elsewhere(calls, targets, jobs, host, triton_path)
     recorded = []                      # (call, target, launches, keys)
     distinct: Dict[tuple, tuple] = {}  # key -> (target, launch)
     for tname in targets:
@@ -600,8 +852,11 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
     return reports
 
 
-def _run_elsewhere(calls, targets, jobs=None, host=False) -> List[CallReport]:
+def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None) -> List[CallReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path)] + (
+            [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs,
                           "host": host})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
@@ -616,7 +871,8 @@ def report_to_dict(r: CallReport) -> dict:
     d["floor_us"] = r.floor_us
     d["eager_us"] = r.eager_us
     d["ok"] = r.ok
-    d["note"] = "model_us, floor_us, issue_us, dram_us, tensor_us are a static speed-of-light model, not measurements"
+    d["note"] = ("model_us, floor_us, issue_us, dram_us, tensor_us, sum_us, latency_us, cublas_us, launch_us are "
+                 "a static speed-of-light model, not measurements")
     return d
 
 
@@ -627,11 +883,71 @@ def _report_from_dict(d: dict) -> CallReport:
         L["facts"] = KernelFacts(**L["facts"])
         launches.append(LaunchReport(**L))
     return CallReport(Call(**d["call"]), d["target"], launches, d["cublas_us"], d["model_us"],
-                      d["compute_floor_us"], d["memory_floor_us"], d.get("launch_us", 0.0), d.get("host_us"))
+                      d["compute_floor_us"], d["memory_floor_us"], d.get("launch_us", 0.0), d.get("host_us"),
+                      [TorchLaunchReport(**x) for x in d.get("torch_launches", [])])
 
 
 def _fmt_us(x: float) -> str:
     return f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _variant(c: Call) -> str:
+    """What sets a call apart besides its shape, M and strategy (for the per-projection lines)."""
+    bits = [c.mode, c.dtype, c.quant + ("" if c.nested or not c.is_4bit else " no-double-quant")]
+    if c.adapters == "fp32":
+        bits.append("fp32-adapters")
+    if c.rank != 16:
+        bits.append(f"r={c.rank}")
+    if c.dropout != 0.05:
+        bits.append(f"dropout={c.dropout:g}")
+    return " ".join(bits)
+
+
+def _by_projection(rs: Sequence[CallReport]) -> Dict[tuple, Dict[int, Dict[str, CallReport]]]:
+    """{(shape, variant): {M: {strategy: report}}}, in the reports' order."""
+    out: Dict[tuple, Dict[int, Dict[str, CallReport]]] = {}
+    for r in rs:
+        c = r.call
+        key = (c.shape_name or f"{c.N}x{c.K}", _variant(c))
+        out.setdefault(key, {}).setdefault(c.M, {})[c.strategy] = r
+    return out
+
+
+def _pick(c: Call, t: Target) -> str:
+    from .ops import choose_strategy
+
+    return choose_strategy(c.M, c.N, c.K, c.is_4bit, None, target=t)
+
+
+def _projection_lines(rs: Sequence[CallReport], t: Target) -> List[str]:
+    """Per projection shape (and call variant) and M: each strategy's modelled layer call against
+    the call's floor, the strategy fastlora picks marked *; then the sum over the shapes."""
+    groups = _by_projection(rs)
+    if not groups:
+        return []
+    lines = [f"per projection, one layer call: {MODEL} / floor per strategy (* = the strategy fastlora picks "
+             f"on {t.name}):"]
+    width = max(len(s) for s, _ in groups) + 1
+    sums: Dict[tuple, Dict[str, List[float]]] = {}
+    for (shape, variant), per_m in groups.items():
+        for m, by_s in per_m.items():
+            cells = []
+            for s, r in by_s.items():
+                pick = s == _pick(r.call, t)
+                cells.append(f"{s}{'*' if pick else ' '} {MODEL} {_fmt_us(r.model_us)} µs / floor "
+                             f"{_fmt_us(r.floor_us)} µs = {r.model_us / r.floor_us:.2f}×")
+                acc = sums.setdefault((variant, m), {}).setdefault(s, [0.0, 0.0, 0, True])
+                acc[0] += r.model_us
+                acc[1] += r.floor_us
+                acc[2] += 1
+                acc[3] = acc[3] and pick
+            lines.append(f"  {shape:{width}} {variant:24} M={m:<6} " + "   ".join(cells))
+    if len(groups) > 1:
+        for (variant, m), by_s in sums.items():
+            cells = [f"{s}{'*' if v[3] else ' '} {MODEL} {_fmt_us(v[0])} µs / floor {_fmt_us(v[1])} µs = "
+                     f"{v[0] / v[1]:.2f}× ({v[2]} shapes)" for s, v in by_s.items()]
+            lines.append(f"  {'Σ shapes':{width}} {variant:24} M={m:<6} " + "   ".join(cells))
+    return lines
 
 
 def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
@@ -641,16 +957,22 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
         lines.append(f"\n== {tname} ({t.gpu}: {t.sms} SMs, {t.clock_ghz} GHz, {t.dram_gbs:,.0f} GB/s, "
                      f"{t.tensor_tflops_bf16 or '-'} / {t.tensor_tflops_fp16} TFLOP/s bf16/fp16 tensor, "
                      f"{t.smem_per_block:,} B shared/block)")
+        header = (f"{'call':44} {'kernel':13} {'fits':5} {'shared':>15} {'reg':>4} {'spill':>5} "
+                  f"{'w/s':>4} {'grid':>6} {'occ':>3} {'wav':>3} {'mma':>4} {'ldg widths':18} {'i/wt':>5} "
+                  f"{'sum µs':>7} {'model µs':>9} {'floor µs':>9}")
         if detail:
-            lines.append(f"{'call':44} {'kernel':13} {'fits':5} {'shared':>15} {'reg':>4} {'spill':>5} "
-                         f"{'w/s':>4} {'grid':>6} {'occ':>3} {'mma':>4} {'ldg widths':18} {'i/wt':>5} "
-                         f"{'model µs':>9} {'floor µs':>9}")
+            lines.append(header)
         for r in (r for r in reports if r.target == tname):
             c = r.call
             name = (f"{c.shape_name or f'{c.N}x{c.K}'} M={c.M} {c.strategy} {c.mode}"
                     f"{'' if c.quant != 'dense' else ' dense'}{' fp32-adapters' if c.adapters == 'fp32' else ''}")
             if detail:
-                for L in r.launches:
+                for i, L in enumerate(r.launches + [None]):
+                    for T in (T for T in r.torch_launches if T.after == i):   # PyTorch's kernels, in call order
+                        left = f"{name:44} {T.label:13} PyTorch ({T.op}, {T.bytes:,} B, {T.flops:,} FLOPs)"
+                        lines.append(f"{left:{len(header) - 20}} {_fmt_us(T.model_us):>9} {_fmt_us(T.floor_us):>9}")
+                    if L is None:
+                        break
                     f = L.facts
                     if not f.compiled:
                         lines.append(f"{name:44} {L.label:13} ERROR {f.error}")
@@ -660,9 +982,15 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
                     lines.append(
                         f"{name:44} {L.label:13} {'yes' if L.fits else 'NO':5} "
                         f"{f.shared:>7,}/{L.smem_limit:<7,} {f.registers:>4} {f.stack + f.local:>5} "
-                        f"{f.num_warps:>2}/{f.num_stages:<1} {L.programs:>6} {L.resident_per_sm:>3} {f.mma:>4} "
-                        f"{ldg[:18]:18} {ipw:>5} {_fmt_us(L.model_us):>9} {_fmt_us(L.floor_us):>9}")
-            extra = f" + cuBLAS {_fmt_us(r.cublas_us)} µs at its floor" if r.cublas_us else ""
+                        f"{f.num_warps:>2}/{f.num_stages:<1} {L.programs:>6} {L.resident_per_sm:>3} {L.waves:>3} "
+                        f"{f.mma:>4} {ldg[:18]:18} {ipw:>5} {_fmt_us(L.sum_us) if L.sum_us else '-':>7} "
+                        f"{_fmt_us(L.model_us):>9} {_fmt_us(L.floor_us):>9}")
+            other = sum(T.model_us for T in r.torch_launches) - r.cublas_us
+            parts = [f"cuBLAS {_fmt_us(r.cublas_us)}" if r.cublas_us else "",
+                     f"PyTorch elementwise {_fmt_us(other)}" if r.torch_launches and other > 1e-9 else "",
+                     f"sum tails {_fmt_us(sum(L.sum_us for L in r.launches))}" if any(L.sum_us for L in r.launches)
+                     else "", f"{r.n_launches} launches × {KERNEL_LATENCY_US} µs latency"]
+            extra = f" (of it {', '.join(p for p in parts if p)})"
             lines.append(f"{name:44} STEP ({MODEL}): {_fmt_us(r.model_us)} µs{extra}; floor "
                          f"{_fmt_us(r.floor_us)} µs (compute {_fmt_us(r.compute_floor_us)}, memory "
                          f"{_fmt_us(r.memory_floor_us)}) -> {r.model_us / r.floor_us:.2f}× floor; "
@@ -671,6 +999,7 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
                     if r.host_us is not None else "")
             lines.append(f"{'':44} + {round(r.launch_us / LAUNCH_US)} launches × {LAUNCH_US} µs ({MODEL}){host} -> "
                          f"eager step {_fmt_us(r.eager_us)} µs")
+        lines += [""] + _projection_lines([r for r in reports if r.target == tname], t)
     lines.append(f"\nEvery µs figure above is a static speed-of-light {MODEL} (see fastlora/inspection.py), "
                  "not a measurement.")
     return "\n".join(lines)
@@ -679,7 +1008,7 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
 def format_markdown(reports: Sequence[CallReport]) -> str:
     """Per target: do all kernels fit, their largest register count and spill bytes, and per M the
     training step of the strategy fastlora picks there (``choose_strategy``), model against floor,
-    summed over the shapes inspected."""
+    summed over the shapes inspected; then a second table with the same per projection shape."""
     from .ops import choose_strategy
 
     ms = sorted({r.call.M for r in reports})
@@ -707,6 +1036,31 @@ def format_markdown(reports: Sequence[CallReport]) -> str:
         lines.append(f"| {tname} | {t.gpu} | {'yes' if all(L.fits for L in launches) else 'NO'} | "
                      f"{max(L.facts.registers for L in launches)} | "
                      f"{sum(L.facts.stack + L.facts.local for L in launches)} | " + " | ".join(cells) + " |")
+    lines += ["", _projection_markdown(reports, ms)]
+    return "\n".join(lines)
+
+
+def _projection_markdown(reports: Sequence[CallReport], ms: Sequence[int]) -> str:
+    """Per target and projection shape (and call variant, where the reports hold more than one), per M:
+    the training step (inference where no training call was inspected) of the strategy fastlora picks,
+    model against floor and their ratio."""
+    mode = "train" if any(r.call.mode == "train" for r in reports) else "infer"
+    rs_all = [r for r in reports if r.call.mode == mode]
+    variants = {_variant(r.call) for r in rs_all}
+    lines = [f"| target | projection ({'training step' if mode == 'train' else 'inference'}) | "
+             + " | ".join(f"M = {m}: {MODEL} / floor (µs)" for m in ms) + " |",
+             "|" + "---|" * (2 + len(ms))]
+    for tname in dict.fromkeys(r.target for r in rs_all):
+        t = get_target(tname)
+        for (shape, variant), per_m in _by_projection([r for r in rs_all if r.target == tname]).items():
+            cells = []
+            for m in ms:
+                by_s = per_m.get(m, {})
+                r = next((r for s, r in by_s.items() if s == _pick(r.call, t)), None)
+                cells.append("–" if r is None else f"{r.call.strategy}: {_fmt_us(r.model_us)} / "
+                             f"{_fmt_us(r.floor_us)} ({r.model_us / r.floor_us:.2f}×)")
+            label = shape if len(variants) == 1 else f"{shape} ({variant})"
+            lines.append(f"| {tname} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -744,7 +1098,9 @@ def main(argv=None) -> int:
                          "fp32 adapters without autocast (PEFT runs them in fp32)")
     ap.add_argument("--strategy", choices=("fused", "dequant", "both"), default="both")
     ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
-    ap.add_argument("--arch", default=",".join(DEFAULT_TARGETS), help="targets, comma separated (sm_75,...,sm_90)")
+    ap.add_argument("--arch", default=",".join(DEFAULT_TARGETS),
+                    help="targets, comma separated: archs (sm_75, sm_80, sm_86, sm_89, sm_90, sm_100, sm_120, "
+                         "sm_121: each arch's reference board) or boards ('H100 PCIe', 'L40S', 'RTX PRO 6000', ...)")
     ap.add_argument("--summary", action="store_true", help="one line per call and target, no per-kernel rows")
     ap.add_argument("--markdown", action="store_true",
                     help="one markdown table: per target, fits / registers / spills and the training step of "
@@ -763,7 +1119,7 @@ def main(argv=None) -> int:
         return 0
     try:
         ms = [int(v) for v in args.m.split(",") if v.strip()]
-        targets = [get_target(a).name for a in args.arch.split(",") if a.strip()]
+        targets = [target_key(get_target(a)) for a in args.arch.split(",") if a.strip()]
     except ValueError as e:
         raise SystemExit(f"fastlora inspect: {e}")
     if any(m <= 0 for m in ms):
@@ -783,7 +1139,7 @@ def main(argv=None) -> int:
             print(f"{t}: no bf16 support (compute capability < 8.0): fastlora falls back to PEFT there; "
                   f"inspect with --dtype fp16")
     if args.json:
-        text = json.dumps({"targets": {t: TARGETS[t].as_dict() for t in targets if t in TARGETS},
+        text = json.dumps({"targets": {t: get_target(t).as_dict() for t in targets},
                            "reports": [report_to_dict(r) for r in reports]}, indent=1)
         if args.json == "-":
             print(text)

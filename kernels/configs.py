@@ -20,10 +20,12 @@ Kinds of product (see ``lora_matmul.py`` for the products themselves):
     epilogue    the LoRA term + bias + mask on an output cuBLAS already holds (no main loop)
     dequant     W [N, K] from 4 bits (``quant4.dequantize_4bit``): BLOCK elements per program
 
-Families: ``sm_90`` (Hopper, 227 KB shared memory per block), ``sm_80`` (A100, 163 KB), ``sm_8x``
-(sm_86 / sm_89 and any sm_8x-or-newer part with at most 99 KB per block: RTX 30xx/40xx, also sm_120
-consumer Blackwell), ``sm_75`` (Turing, 64 KB, fp16 only, no tensor-core lowering in Triton). A
-device is put in the family its compute capability *and* its shared memory per block allow.
+Families: ``sm_90`` (Hopper, 227 KB shared memory per block), ``sm_100`` (datacenter Blackwell: B200,
+227 KB, tcgen05 tensor cores), ``sm_80`` (A100, 163 KB), ``sm_8x`` (sm_86 / sm_89 and any sm_8x-or-newer
+part with at most 99 KB per block below sm_120: RTX 30xx/40xx, A10, A40, L4, L40S), ``sm_12x``
+(consumer Blackwell, 99 KB: RTX 50xx, RTX PRO 6000 Blackwell, GB10), ``sm_75`` (Turing, 64 KB, fp16
+only, no tensor-core lowering in Triton). A device is put in the family its compute capability *and*
+its shared memory per block allow.
 
 Every row is compiled for every target of its family by ``tests/test_gpu_targets.py`` (shared
 memory within the target's limit, zero spill bytes, tensor-core instructions where it multiplies
@@ -111,6 +113,23 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     },
 }
 
+# consumer Blackwell (sm_120: RTX 50xx, RTX PRO 6000 Blackwell; sm_121: GB10): 99 KB per block like
+# sm_8x, and sm_8x's rows but these. The M > 16 4-bit tile: 128 x 128 x 64 with 3 stages reached 255
+# registers and spilled 8-56 B there (2 stages: up to 48 B; 128 x 64 x 64: 8 B); 128 x 128 x 32 keeps
+# the MMA work per decoded weight, at 218-234 registers and no spills
+TABLES["sm_12x"] = {**TABLES["sm_8x"],
+                    "frozen4": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 128, 32, 8, 3, 32))]}
+# datacenter Blackwell (sm_100: B200): Hopper's rows but these. The 16-bit adapter products' M > 64
+# tile with 3 stages: 24 B of stack in G (dY·B) at 48 registers; with 2 stages none
+# The per-element decode's M <= 16 tile with 1 stage: 8 B of stack in dY·W (M = 1); with 2 none
+TABLES["sm_100"] = {**TABLES["sm_90"], "lora16": [(64, _C(64, 64, 64, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 2, 32))],
+                    "frozen4_flat": [(16, _C(16, 64, 32, 4, 2, 8)), (_INF, _C(32, 64, 32, 4, 1))]}
+# fp32 adapter products (IEEE, on FMA) on sm_100 and sm_12x: with 2 stages H = D(X)·Aᵀ kept one value
+# on the stack across the main loop (8 B) for down_proj's K = 14336; with 1 stage none
+for _fam in ("sm_100", "sm_12x"):
+    TABLES[_fam]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
+del _fam
+
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
 # and keeps the faster). Set where fastlora inspect's model of a whole training step (forward +
@@ -120,7 +139,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 # sm_80 crosses near M = 1024; sm_75 has no tensor cores for Triton's tl.dot: always cuBLAS.
 # `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
-DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0}
+DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 256, "sm_12x": 32768}
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there
@@ -133,10 +152,10 @@ def family(target: Target) -> str:
     if target.cc < 80:
         return "sm_75"
     if target.cc >= 90 and target.smem_per_block >= TARGETS["sm_90"].smem_per_block:
-        return "sm_90"
+        return "sm_100" if target.cc >= 100 else "sm_90"
     if target.smem_per_block >= TARGETS["sm_80"].smem_per_block:
         return "sm_80"
-    return "sm_8x"
+    return "sm_12x" if target.cc >= 120 else "sm_8x"
 
 
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:

@@ -3,15 +3,21 @@ without a GPU, by compiling what the launchers launch for each target (``fastlor
 
 The matrix: the Llama-3-8B projections, M ∈ {1, 16, 256, 4096}, a training step (forward + backward)
 and inference, both strategies, dropout on and off, double-quant and plain absmax, bf16 and fp16, on
-sm_80, sm_86, sm_89 and sm_90, and fp16 on sm_75; plus two odd shapes (the per-element decode) and
-a dense bf16 base. Shapes that give the same argument specialization
+sm_80, sm_86, sm_89, sm_90, sm_100, sm_120 and sm_121, and fp16 on sm_75; plus two odd shapes (the
+per-element decode) and a dense bf16 base. Shapes that give the same argument specialization
 share one compile (all four projections do: every dimension is a multiple of 16), so the cost is one
 compile per distinct specialization, spread over the CPU's cores, in one worker process (the kernels
 must be decorated as compiled functions there, not as the interpreter's).
+
+The matrix is compiled by the installed Triton and by every other Triton named in
+``FASTLORA_EXTRA_TRITONS`` (folders made with ``pip install --no-deps --target DIR triton==X``,
+separated by the path separator): CI adds Triton 3.6, the version of the GPU image's PyTorch, since
+register allocation, spills and instruction selection change between Triton releases.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -25,7 +31,23 @@ from fastlora import inspection as ins
 from fastlora.kernels import _launch, configs
 from fastlora.kernels.targets import TARGETS, device_target, get_target
 
-GPU_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90")
+GPU_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
+
+
+def _triton_version(path):
+    """The version of the Triton installed in folder ``path`` (None: the one this process imports)."""
+    if path is None:
+        import triton
+
+        return triton.__version__
+    dist = sorted(glob.glob(os.path.join(path, "triton-*.dist-info")))
+    if not dist:
+        raise RuntimeError(f"FASTLORA_EXTRA_TRITONS: no Triton installed in {path!r}")
+    return os.path.basename(dist[-1])[len("triton-"):-len(".dist-info")]
+
+
+EXTRA_TRITONS = [p for p in os.environ.get("FASTLORA_EXTRA_TRITONS", "").split(os.pathsep) if p]
+TOOLCHAINS = [None] + EXTRA_TRITONS
 
 
 def _matrix_calls(dtypes):
@@ -44,17 +66,45 @@ def _matrix_calls(dtypes):
 ODD_SHAPES = {"40x80": (40, 80), "45x131": (45, 131)}
 
 
+_MATRICES: dict = {}
+
+
+def _compiled_matrix(triton_path):
+    """{target: [CallReport]} for the whole matrix compiled by the Triton in ``triton_path`` (None:
+    the installed one); one worker process, one compile per specialization."""
+    if triton_path not in _MATRICES:
+        odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
+        dense = ins.calls_for({"q_proj/o_proj": (4096, 4096)}, ins.DEFAULT_M, dtype="bf16", quant="dense")
+        reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS, triton_path=triton_path)
+        reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",), triton_path=triton_path)
+        out = {}
+        for r in reports:
+            out.setdefault(r.target, []).append(r)
+        _MATRICES[triton_path] = out
+    return _MATRICES[triton_path]
+
+
+@pytest.fixture(scope="module", params=TOOLCHAINS, ids=lambda p: f"triton-{_triton_version(p)}")
+def matrix(request):
+    """The matrix under each Triton checked (the resource and instruction facts)."""
+    return _compiled_matrix(request.param)
+
+
 @pytest.fixture(scope="module")
-def matrix():
-    """{target: [CallReport]} for the whole matrix (one worker process, one compile per specialization)."""
-    odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
-    dense = ins.calls_for({"q_proj/o_proj": (4096, 4096)}, ins.DEFAULT_M, dtype="bf16", quant="dense")
-    reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS)
-    reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",))
-    out = {}
-    for r in reports:
-        out.setdefault(r.target, []).append(r)
-    return out
+def model_matrix():
+    """The matrix under the installed Triton (what the model's strategy thresholds are set from)."""
+    return _compiled_matrix(None)
+
+
+def test_gpu_images_triton_is_checked():
+    """CI compiles the matrix with the GPU image's Triton (3.6) as well as the installed one."""
+    if not EXTRA_TRITONS:
+        pytest.skip("FASTLORA_EXTRA_TRITONS is not set (.ci/run sets it to a Triton 3.6 folder)")
+    versions = {_triton_version(p) for p in EXTRA_TRITONS}
+    assert any(v.startswith("3.6.") for v in versions), versions
+    out = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], text=True,
+                         capture_output=True, env=dict(os.environ, PYTHONPATH=EXTRA_TRITONS[0])).stdout
+    assert out.strip() == _triton_version(EXTRA_TRITONS[0])      # the folder's Triton is what imports
 
 
 def _where(r, L):
@@ -112,6 +162,28 @@ def test_tile_products_use_tensor_cores(matrix, target):
     assert not bad, "\n".join(sorted(set(bad))[:20])
 
 
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_4bit_decode_has_no_fp_contraction(matrix, target):
+    """bitsandbytes decodes a double-quantized absmax as code2[q]·absmax2 + offset with two roundings
+    (a multiply, then an add); an FMA rounds once and changes the last bit of some absmax, and so of
+    whole blocks of W. The 4-bit kernels are compiled with fp fusion off: their PTX holds no fp32 FMA
+    (where the adapters run in 16 bits; fp32 adapters without autocast do their IEEE products on FMA).
+    The interpreter never contracts, so only the compiled code can show this."""
+    n = 0
+    bad = []
+    for r in matrix[target]:
+        c = r.call
+        if not c.is_4bit or not c.nested or c.adapters != "autocast":
+            continue
+        for L in r.launches:
+            if L.label in ("Y", "dX", "dequant W"):
+                n += 1
+                if L.facts.ptx_fma:
+                    bad.append(f"{_where(r, L)}: {L.facts.ptx_fma} fp32 FMA in the PTX")
+    assert n > 0
+    assert not bad, "\n".join(sorted(set(bad))[:20])
+
+
 def test_sm75_frozen_product_goes_to_cublas(matrix):
     """On a T4 Triton lowers tl.dot to FMA: the automatic strategy sends the frozen product to cuBLAS
     (dequant + addmm), at every M."""
@@ -139,7 +211,7 @@ def test_strategy_thresholds_per_family():
 
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
-def test_strategy_pick_is_the_faster_by_the_model(matrix, target):
+def test_strategy_pick_is_the_faster_by_the_model(model_matrix, target):
     """At every M of the matrix, the strategy ``choose_strategy`` picks is the one whose modelled
     training step (the four projections summed; bf16, double quant, dropout 0.05, adapters under
     autocast) is the shorter: the thresholds agree with the kernels as they are now."""
@@ -148,7 +220,7 @@ def test_strategy_pick_is_the_faster_by_the_model(matrix, target):
     t = get_target(target)
     for M in ins.DEFAULT_M:
         total = {}
-        for r in matrix[target]:
+        for r in model_matrix[target]:
             c = r.call
             if (c.M, c.mode, c.dtype, c.nested, c.dropout, c.adapters, c.quant) == (
                     M, "train", "bf16", True, 0.05, "autocast", "nf4"):
@@ -159,8 +231,8 @@ def test_strategy_pick_is_the_faster_by_the_model(matrix, target):
         assert pick == faster, f"{target} M={M}: picks {pick}, the model says {faster} ({total})"
 
 
-def test_model_labelled_and_floor_sane(matrix):
-    for r in matrix["sm_90"]:
+def test_model_labelled_and_floor_sane(model_matrix):
+    for r in model_matrix["sm_90"]:
         assert r.floor_us > 0 and r.model_us >= r.floor_us * 0.999, (r.call, r.model_us, r.floor_us)
         for L in r.launches:
             assert L.model_us >= L.floor_us * 0.999 - 1e-9, (L.label, L.model_us, L.floor_us)
@@ -279,10 +351,14 @@ def test_family_follows_capability_and_shared_memory():
     assert configs.family(TARGETS["sm_80"]) == "sm_80"
     assert configs.family(TARGETS["sm_86"]) == configs.family(TARGETS["sm_89"]) == "sm_8x"
     assert configs.family(TARGETS["sm_90"]) == "sm_90"
-    # a newer consumer part with 99 KB per block gets the small-shared-memory table, not Hopper's
-    assert configs.family(replace(TARGETS["sm_90"], name="sm_120", cc=120, smem_per_block=101376)) == "sm_8x"
-    # an A100-class part that reports less shared memory (e.g. an A30-like 163 KB carve-out stays sm_80)
+    assert configs.family(TARGETS["sm_100"]) == "sm_100"
+    assert configs.family(TARGETS["sm_120"]) == configs.family(TARGETS["sm_121"]) == "sm_12x"
+    # a part with Hopper's capability but a consumer's 99 KB per block gets a small-shared-memory table
+    assert configs.family(replace(TARGETS["sm_90"], cc=90, smem_per_block=101376)) == "sm_8x"
+    # an A100-class part that reports less shared memory
     assert configs.family(replace(TARGETS["sm_80"], smem_per_block=101376)) == "sm_8x"
+    # every family's strategy threshold exists
+    assert set(configs.DEQUANT_MIN_TOKENS) == set(configs.TABLES)
 
 
 def test_select_narrows_to_the_problem():
@@ -310,16 +386,17 @@ class _Props:
         self.shared_memory_per_multiprocessor = smem + 1024
 
 
-def test_device_target_reads_the_device(monkeypatch):
-    """A device's own capability, SM count and shared memory; the per-chip figures of its entry, or of
-    the nearest older entry (named) for a capability the table lacks."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(8, 9, 76, 101376, "RTX 4080"))
-    t = device_target("cuda:0")
-    assert (t.name, t.sms, t.smem_per_block, t.figures_from, t.gpu) == ("sm_89", 76, 101376, None, "RTX 4080")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(12, 0, 84, 101376, "RTX 5090"))
-    t = device_target("cuda:0")
-    assert (t.name, t.cc, t.figures_from) == ("sm_120", 120, "sm_90")
-    assert configs.family(t) == "sm_8x"
+def test_device_target_picks_the_family(monkeypatch):
+    """A device's own capability and shared memory decide its table (its figures: tests/test_targets.py)."""
+    for props, fam in ((_Props(8, 9, 76, 101376, "NVIDIA GeForce RTX 4080"), "sm_8x"),
+                       (_Props(12, 0, 170, 101376, "NVIDIA GeForce RTX 5090"), "sm_12x"),
+                       (_Props(12, 1, 48, 101376, "NVIDIA GB10"), "sm_12x"),
+                       (_Props(10, 0, 148, 232448, "NVIDIA B200"), "sm_100"),
+                       (_Props(9, 0, 114, 232448, "NVIDIA H100 PCIe"), "sm_90"),
+                       (_Props(8, 0, 108, 166912, "NVIDIA A100-SXM4-40GB"), "sm_80")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, p=props: p)
+        t = device_target("cuda:0")
+        assert (t.cc, configs.family(t)) == (props.major * 10 + props.minor, fam), props.name
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: _Props(7, 5, 40, 65536, "Tesla T4"))
     assert not device_target("cuda:0").has_bf16
     with pytest.raises(ValueError, match="needs a CUDA device"):
@@ -365,13 +442,15 @@ def test_dequant_model_by_hand():
     assert byts == nk // 2 + nk // 64 + 4 * (nk // 64 // 256) + 2 * nk
     assert decoded == nk and flops == 0
     f = ins.KernelFacts(compiled=True, num_warps=4, sass_instructions=100, registers=32)
-    rep = ins.model_launch(deq[0], c, TARGETS["sm_90"], f)
-    assert rep.dram_us == pytest.approx(byts / 3000e9 * 1e6)
+    t = TARGETS["sm_90"]
+    rep = ins.model_launch(deq[0], c, t, f)
+    assert rep.dram_us == pytest.approx(byts / (t.dram_gbs * 1e9) * 1e6)
     assert rep.floor_us == pytest.approx(rep.dram_us)
     # issue: N·K / 4096 elements per program = 4096 programs / 132 SMs -> 32 per SM; 4 warps x 100
     # instructions each, 4 schedulers
     assert deq[0].programs == 4096
-    assert rep.issue_us == pytest.approx(32 * 4 * 100 / (4 * 1.98e9) * 1e6)
+    assert t.sms == 132
+    assert rep.issue_us == pytest.approx(32 * 4 * 100 / (4 * t.clock_ghz * 1e9) * 1e6)
 
 
 def test_step_floor_by_hand():
@@ -382,8 +461,8 @@ def test_step_floor_by_hand():
     nk = 4096 * 4096
     w = nk / 2 + nk / 64
     act = (16 * 4096 + 16 * 4096) * 2
-    assert r.memory_floor_us == pytest.approx(2 * (w + act) / 1008e9 * 1e6)
-    assert r.compute_floor_us == pytest.approx(4 * 16 * nk / 165e12 * 1e6)
+    assert r.memory_floor_us == pytest.approx(2 * (w + act) / (t.dram_gbs * 1e9) * 1e6)
+    assert r.compute_floor_us == pytest.approx(4 * 16 * nk / (t.tensor_tflops_bf16 * 1e12) * 1e6)
     del f
 
 
