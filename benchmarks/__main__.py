@@ -43,7 +43,7 @@ def _default_out(args, device) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench_host, bench_layer, bench_train, report
+    from . import bench_host, bench_layer, bench_memory, bench_train, report
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_arguments(sub.add_parser("train", help="QLoRA training steps, patched vs unpatched"))
     bench_host.add_arguments(sub.add_parser(HOST, help="host µs and GPU kernel launches per layer call, "
                                                         "fastlora vs PEFT (kernels not run)"))
+    bench_memory.add_arguments(sub.add_parser("memory", help="peak memory of a QLoRA step on fake tensors (no GPU)"))
     report.add_arguments(sub.add_parser("report", help="results.md and PNG plots from JSONL records"))
     a = sub.add_parser("all", help="layer (default GPU subset) + train + report into one folder")
     a.add_argument("--smoke", action="store_true")
@@ -106,11 +107,12 @@ def main(argv=None) -> int:
     if args.cmd == "all":
         rc = _all(args, device)
     else:
-        from . import bench_host, bench_layer, bench_train
+        from . import bench_host, bench_layer, bench_memory, bench_train
 
-        args.out = str(_default_out(args, device))
-        harness.log(f"records -> {args.out}")
-        mod = {"layer": bench_layer, "train": bench_train, HOST: bench_host}[args.cmd]
+        if args.cmd != "memory":
+            args.out = str(_default_out(args, device))
+            harness.log(f"records -> {args.out}")
+        mod = {"layer": bench_layer, "train": bench_train, HOST: bench_host, "memory": bench_memory}[args.cmd]
         print(mod.run(args, device))
         rc = 0
     harness.log(f"done in {time.monotonic() - t0:.1f} s")

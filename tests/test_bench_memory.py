@@ -1,0 +1,127 @@
+"""benchmarks/bench_memory.py: the live-bytes tracker, the fake 4-bit layout, a tiny model's step on
+fake tensors for PEFT and fastlora, the records and the fit search."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_memory as bm  # noqa: E402
+
+
+def test_tracker_peak_matches_hand_computed_sequence():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), bm.LiveBytes() as t:
+        a = torch.empty(1000, dtype=torch.uint8)       # 1000 B -> one 1024 B block
+        b = torch.empty(256, dtype=torch.float32)      # 1024 B
+        assert t.total == 2048
+        del a
+        assert t.total == 1024
+        c = torch.empty(4096, dtype=torch.uint8)       # 4096 B: live 1024 + 4096
+        v = c.view(64, 64)                             # a view: no new storage
+        assert t.total == 5120
+        t.transient(100, "weight_copies")              # 512 B, only at this moment: peak 5632
+        assert t.total == 5120
+        del b
+        d = torch.empty(10, dtype=torch.float32)       # 40 B -> 512
+        assert t.total == 4096 + 512
+        del c, v, d
+        assert t.total == 0
+    assert t.peak == 5632
+    assert t.peak_by_cat["activations"] == 5120 and t.peak_by_cat["weight_copies"] == 512
+
+
+def test_quant_layout_matches_bitsandbytes():
+    import bitsandbytes.functional as F
+
+    N, K = 96, 320
+    w = torch.randn(N, K, dtype=torch.bfloat16)
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    lay = bm.quant_layout(N, K)
+    real = {"packed": packed, "absmax": qs.absmax, "offset": qs.offset, "absmax2": qs.state2.absmax,
+            "code2": qs.state2.code, "code": qs.code}
+    for k, t in real.items():
+        assert (tuple(t.shape), t.dtype) == (tuple(lay[k][0]), lay[k][1]), k
+
+
+@pytest.fixture(scope="module")
+def tiny_steps():
+    # dropout 0.05 as the benchmark's default; no checkpointing: every layer's saved tensors are live
+    return {cfg: bm.run_step("tiny", cfg, 256, 2, False) for cfg in bm.CONFIGS}
+
+
+def test_tiny_step_runs_for_both_configs(tiny_steps):
+    peft, fl = tiny_steps["peft"], tiny_steps["fastlora"]
+    assert peft["fastlora"] is None
+    # all 14 projections patched, every call fused (forward; 2 layers x 7)
+    assert fl["fastlora"]["patched"] == 14 and fl["fastlora"]["fused_calls"] == 14
+    assert fl["fastlora"]["fallback_calls"] == {}
+    for r in (peft, fl):
+        assert r["peak_bytes"] > r["resident_bytes"] > 0
+        assert sum(r["peak_breakdown_bytes"].values()) == r["peak_bytes"]
+        # the step leaves what it found: model, adapters, optimizer state (gradients set to None)
+        assert r["end_bytes"] == r["resident_bytes"]
+    assert peft["resident_breakdown_bytes"] == fl["resident_breakdown_bytes"]
+
+
+def test_fastlora_keeps_fewer_activations_with_dropout(tiny_steps):
+    # PEFT keeps dropout(X) (and its mask) for each adapter; fastlora's op saves X and H = D(X)·Aᵀ only
+    peft, fl = tiny_steps["peft"], tiny_steps["fastlora"]
+    assert fl["peak_forward_bytes"] < peft["peak_forward_bytes"]
+    assert fl["peak_bytes"] < peft["peak_bytes"]
+
+
+def test_longest_fit_uses_measured_points_only():
+    seen = []
+
+    def measure(s):
+        seen.append(s)
+        return 10 * s
+
+    seqs = [512, 1024, 2048, 4096, 8192]
+    assert bm.longest_fit(measure, 30000, seqs) == {"seq": 2048, "bound": "exact"}
+    assert set(seen) <= set(seqs)
+    assert bm.longest_fit(measure, 10 ** 9, seqs) == {"seq": 8192, "bound": ">="}
+    assert bm.longest_fit(measure, 100, seqs) == {"seq": None, "bound": "none"}
+
+
+def test_records_report_and_fits(tmp_path):
+    ap = argparse.ArgumentParser()
+    bm.add_arguments(ap)
+    args = ap.parse_args(["--model", "tiny", "--seq", "64", "--ckpt", "on", "--fit", "0.001",
+                          "--fit-max", "128", "--out", str(tmp_path)])
+    summary = bm.run(args, torch.device("cpu"))
+    recs = [json.loads(line) for line in open(tmp_path / "memory.jsonl", encoding="utf-8")]
+    assert summary["records"] == len(recs) and len(recs) >= 2
+    for r in recs:
+        assert r["bench"] == "memory" and r["status"] == "ok" and r["performance_claim"] is False
+        assert {"model", "config", "seq", "batch", "ckpt", "r", "dropout"} <= set(r["config"])
+        assert {"peak_bytes", "peak_gb", "peak_breakdown_bytes", "peak_phase", "resident_bytes"} <= set(r["metrics"])
+        assert r["versions"]["torch"] and r["versions"]["bitsandbytes"] and r["versions"]["peft"]
+        assert r["fastlora"]["commit"] and r["fastlora"]["source_sha256"]
+    fits = json.loads((tmp_path / "fits.json").read_text())
+    measured = {(r["config"]["config"], r["config"]["seq"]): r["metrics"]["peak_bytes"] for r in recs}
+    for row in fits["rows"]:
+        f = row["fits"][0]
+        if f["seq"] is not None:   # the reported seq was measured and fits
+            assert measured[(row["config"], f["seq"])] <= 0.001 * 1e9
+    md = (tmp_path / "results.md").read_text()
+    assert "| 64 |" in md and "Longest sequence" in md
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with torch.cuda.max_memory_allocated")
+def test_gpu_compare(tmp_path):
+    ap = argparse.ArgumentParser()
+    bm.add_arguments(ap)
+    args = ap.parse_args(["--compare-seq", "256"])
+    out = bm.gpu_compare(args, torch.device("cuda"))
+    for cfg in bm.CONFIGS:
+        fake, real = out[cfg]["fake_peak_bytes"], out[cfg]["cuda_max_memory_allocated"]
+        assert real > 0 and fake > 0
+        assert abs(fake - real) / real < 0.5, out
