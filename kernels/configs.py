@@ -124,22 +124,29 @@ TABLES["sm_12x"] = {**TABLES["sm_8x"],
 # The per-element decode's M <= 16 tile with 1 stage: 8 B of stack in dY·W (M = 1); with 2 none
 TABLES["sm_100"] = {**TABLES["sm_90"], "lora16": [(64, _C(64, 64, 64, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 2, 32))],
                     "frozen4_flat": [(16, _C(16, 64, 32, 4, 2, 8)), (_INF, _C(32, 64, 32, 4, 1))]}
-# fp32 adapter products (IEEE, on FMA) on sm_100 and sm_12x: with 2 stages H = D(X)·Aᵀ kept one value
-# on the stack across the main loop (8 B) for down_proj's K = 14336; with 1 stage none
-for _fam in ("sm_100", "sm_12x"):
-    TABLES[_fam]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
-del _fam
+# fp32 adapter products (IEEE, on FMA): with 2 stages H = D(X)·Aᵀ kept one value on the stack across
+# the main loop (8 B, at 72 registers) for down_proj's K = 14336 on sm_100 and sm_12x; with 1 stage
+# none on sm_12x, but G = dY·B did on sm_100 (8 B at 48 registers); with 3 stages none there
+TABLES["sm_100"]["lora"] = [(_INF, _C(64, 32, 32, 4, 3, 32))]
+TABLES["sm_12x"]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
 # and keeps the faster). Set where fastlora inspect's model of a whole training step (forward +
 # backward, the four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16,
-# adapters under autocast) puts the crossover: sm_90 and sm_8x have the fused kernel ahead at every M
-# inspected (1..16384: it saves writing and re-reading the dequantized W), so dequant from 32768;
-# sm_80 crosses near M = 1024; sm_75 has no tensor cores for Triton's tl.dot: always cuBLAS.
+# adapters under autocast) puts the crossover, at M = 1, 16, 24..64, 256, 1024, ..., 32768:
+#   sm_90, sm_8x (sm_86, sm_89) and sm_12x (sm_121): the fused kernel ahead at every M (it saves
+#     writing and re-reading the dequantized W), so dequant only from 32768; on sm_120 the two are
+#     within 2.5% of each other from M = 1024 on (a tie for a model)
+#   sm_80: crosses at M = 1024
+#   sm_100 (B200): fused only while the M <= 16 row applies: its 4-bit main loops with tcgen05 take
+#     30 (X·Wᵀ) and 77 (dY·W) thread-instructions per decoded weight at M > 16 (the decoded tile goes
+#     through shared memory to the tensor cores), so from M = 24 dequant + cuBLAS is ahead (12% at 24,
+#     9x at 4096)
+#   sm_75: no tensor cores for Triton's tl.dot: always cuBLAS
 # `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
-DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 256, "sm_12x": 32768}
+DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there
