@@ -262,9 +262,15 @@ def record_call(c: Call, target) -> List[_launch.Launch]:
 
 
 def _nvidia_tool(name: str) -> str:
+    """A CUDA binary tool (cuobjdump) from Triton's wheel, or from FASTLORA_NVIDIA_TOOLS where set: a
+    worker compiling with another Triton reads its cubins with the installed Triton's tools (an older
+    Triton's cuobjdump may not disassemble every architecture its ptxas targets; what a cubin holds
+    does not depend on the tool that reads it)."""
     import triton
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    folder = os.environ.get("FASTLORA_NVIDIA_TOOLS") or os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise RuntimeError(f"{name} not found in Triton's wheel ({path})")
     return path
@@ -857,6 +863,7 @@ def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None) -> L
     if triton_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path)] + (
             [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("FASTLORA_NVIDIA_TOOLS", os.path.dirname(_nvidia_tool("cuobjdump")))
     payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs,
                           "host": host})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
