@@ -45,7 +45,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -128,6 +128,10 @@ class PatchReport:
     fallback_calls: collections.Counter = field(default_factory=collections.Counter)
     kinds: Dict[str, str] = field(default_factory=dict)  # name -> "4bit" | "dense"
     restored: List[str] = field(default_factory=list)  # patched layers re-created by pickle / deepcopy
+    loss: Optional[str] = None          # the causal LM class whose loss runs chunked (fastlora.loss)
+    loss_skipped: Optional[str] = None  # why the loss was left as it is (None: applied, or not asked)
+    liger_applied: Dict[str, List[str]] = field(default_factory=dict)  # Liger piece -> module names
+    liger_skipped: Dict[str, str] = field(default_factory=dict)  # Liger piece -> why (not) everywhere
     _logged: set = field(default_factory=set, repr=False)
 
     def summary(self) -> str:
@@ -142,6 +146,15 @@ class PatchReport:
         )
         if self.already_patched:
             line += f"; {len(self.already_patched)} already patched"
+        if self.loss:
+            line += f"; loss: chunked cross-entropy on {self.loss} (no logits in training)"
+        elif self.loss_skipped:
+            line += f"; loss left as it is ({self.loss_skipped})"
+        if self.liger_applied or self.liger_skipped:
+            done = ", ".join(f"{p}×{len(n)}" for p, n in self.liger_applied.items()) or "nothing"
+            line += f"; Liger: {done}"
+            if self.liger_skipped:
+                line += " (skipped: " + "; ".join(f"{p}: {r}" for p, r in self.liger_skipped.items()) + ")"
         return line
 
     def _fallback(self, name: str, reason: str) -> None:
@@ -549,14 +562,38 @@ def _lora_layers(model, what: str):
     return layers, types
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, *, chunked_loss: bool = True, liger=None) -> PatchReport:
     """Make every eligible PEFT LoRA Linear layer of ``model`` run fastlora's fused op.
+
+    ``chunked_loss`` (default on): a Llama / Mistral / Qwen2 / Qwen3 causal LM computes its training
+    loss without the [tokens, vocab] logits (:mod:`fastlora.loss`): the same loss and gradients, and
+    ``outputs.logits`` is None for calls in training mode with ``labels`` (every other call returns
+    the logits as before). On by default because the logits are a QLoRA step's largest memory; pass
+    False where a training loop reads the logits of a call that also passes labels.
+
+    ``liger`` (default None, which means off): Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear
+    cross-entropy bound on this model's modules only (:mod:`fastlora.liger`; Llama, Mistral, Qwen2;
+    ``pip install fastlora[liger]``). ``True`` applies every piece, a collection of names
+    (``("rope", "fused_linear_cross_entropy")``) those. Off unless asked for, even when Liger is
+    installed: its fused cross-entropy returns ``logits=None`` in training (as ``chunked_loss`` does,
+    which then already holds the loss and keeps Liger's from applying), and its kernels round
+    differently from the HF forwards. ``report.liger_applied`` / ``report.liger_skipped`` say what
+    was done; :func:`unpatch` undoes it.
 
     Returns a :class:`PatchReport`; logs a summary line (logger ``"fastlora"``) and one line per
     distinct reason a layer was skipped. Patching an already patched model patches nothing new.
     """
+    if not isinstance(chunked_loss, bool):
+        raise TypeError(f"fastlora.patch: chunked_loss must be True or False, got {chunked_loss!r}")
     layers, types = _lora_layers(model, "patch")
+    from .liger import resolve as _liger_pieces
+
+    liger_pieces = _liger_pieces(liger)  # bad arguments / Liger missing raise before anything changes
     report = PatchReport()
+    if chunked_loss:
+        from .loss import patch_loss
+
+        report.loss, report.loss_skipped = patch_loss(model)
     for name, layer in layers:
         if _STATE_ATTR in layer.__dict__:
             report.already_patched.append(name)
@@ -575,6 +612,10 @@ def patch(model: nn.Module) -> PatchReport:
         layer.__dict__["forward"] = functools.partial(_patched_forward, layer)
         report.patched.append(name)
         report.kinds[name] = kind
+    if liger_pieces:
+        from .liger import apply as _apply_liger
+
+        _apply_liger(model, liger_pieces, report)
 
     if not report.patched and report.already_patched:
         logger.info("nothing new to patch: %d LoRA layers already patched, %d left on PEFT's forward",
@@ -616,6 +657,17 @@ def unpatch(model: nn.Module) -> List[str]:
         del layer.__dict__["forward"]
         del layer.__dict__[_STATE_ATTR]
         restored.append(name)
+    from .loss import unpatch_loss
+
+    if unpatch_loss(model):
+        logger.info("restored the model's own loss")
+    from .liger import remove as _remove_liger
+
+    liger_restored, liger_wrapped = _remove_liger(model)
+    if liger_restored:
+        logger.info("removed Liger's ops from %d modules", len(liger_restored))
+    restored += liger_restored
+    wrapped += liger_wrapped
     logger.info("unpatched %d LoRA layers", len(restored))
     if wrapped:
         msg = (f"left {len(wrapped)} layer(s) patched because their forward was wrapped after "
