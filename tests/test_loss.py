@@ -245,3 +245,32 @@ def test_patch_rejects_a_non_bool_chunked_loss():
     pm = _peft_llama()
     with pytest.raises(TypeError, match="chunked_loss"):
         fastlora.patch(pm, chunked_loss="yes")
+
+
+def test_compiled_training_call_with_labels():
+    """torch.compile over a patched model's training call with labels: the chunked loss traces with no
+    graph break, gives the eager loss, and compiles once for repeated calls."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    pm = _peft_llama()
+    fastlora.patch(pm)
+    pm.train()
+    ids = torch.randint(3, 128, (2, 23), device=DEVICE)
+
+    def loss_of(fn):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return fn(input_ids=ids, labels=ids).loss
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss_of)(pm)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(pm, backend=cnt)
+    losses = []
+    for _ in range(3):
+        loss = loss_of(compiled)
+        loss.backward()
+        losses.append(loss.item())
+    eager = loss_of(pm).item()
+    assert losses == [eager] * 3
+    assert cnt.frame_count == 1
