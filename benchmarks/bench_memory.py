@@ -9,7 +9,9 @@ The step: forward with labels (HF's causal-LM loss), backward, AdamW on the LoRA
 ``Trainer(bf16=True)`` runs it after ``prepare_model_for_kbit_training`` + ``get_peft_model`` (r = 16,
 alpha 32, dropout 0.05, the seven projections; NF4 double-quant base weights, bf16 compute; the other
 parameters cast to fp32 by ``prepare_model_for_kbit_training``), under bf16 autocast. Configurations:
-``peft`` (PEFT + bitsandbytes as they are) and ``fastlora`` (the same model after ``fastlora.patch``).
+``peft`` (PEFT + bitsandbytes as they are), ``fastlora`` (the same model after ``fastlora.patch``) and
+``fastlora+offload`` (after ``fastlora.patch(model, offload_checkpoints=True)``: with ``--ckpt on`` the
+decoder layers' checkpointed inputs go to host memory, here the ``meta`` device, see below).
 
 How it runs with no weight materialised. The model is built from its config inside
 ``torch._subclasses.fake_tensor.FakeTensorMode``: every tensor is a FakeTensor (shape, dtype, device;
@@ -37,7 +39,9 @@ link: the process aborts), so no backward runs there. On the fake CPU device:
 Accounting (:class:`LiveBytes`, a TorchDispatchMode under the fake mode): every tensor an op
 returns is charged to its storage (one charge per storage, views are free), rounded up to 512 bytes as
 the CUDA caching allocator rounds a block, and released by a weakref callback when the storage dies;
-the peak is the largest sum seen, with the per-category split at that moment. Ops that allocate
+the peak is the largest sum seen, with the per-category split at that moment. Storages on the ``meta``
+device are host memory (``fastlora+offload``'s host copies, made there through
+``fastlora.offload.host_device``): counted apart, as ``host_peak_bytes``, never in the device peak. Ops that allocate
 inside their kernels are charged their internal temporary at the moment they run:
 ``bitsandbytes::gemm_4bit`` (the [N, K] compute-dtype weight its CUDA path dequantizes before
 ``F.linear``; counted for M > 1536 tokens, where it always does so: below that a per-architecture
@@ -82,7 +86,7 @@ GB = 1e9
 BLOCK = 512          # the CUDA caching allocator's smallest block (bytes)
 CATEGORIES = ("weights", "adapters", "optimizer_state", "gradients", "activations", "logits_loss",
               "weight_copies", "backward_temps", "optimizer_temps")
-CONFIGS = ("peft", "fastlora")
+CONFIGS = ("peft", "fastlora", "fastlora+offload")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 MODELS = {
@@ -136,6 +140,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.peak_by_cat = dict(self.by_cat)
         self.peak_at = None
+        self.host_total = 0            # storages on the meta device: host memory, not in total / peak
+        self.host_peak = 0
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _charge(self, nbytes: int, cat: str, where) -> None:
@@ -148,7 +154,9 @@ class LiveBytes(TorchDispatchMode):
 
     def _release(self, key) -> None:
         entry = self._live.pop(key, None)
-        if entry is not None:
+        if entry is not None and entry[2] == "host":
+            self.host_total -= entry[1]
+        elif entry is not None:
             self.by_cat[entry[2]] -= entry[1]
             self.total -= entry[1]
 
@@ -161,6 +169,11 @@ class LiveBytes(TorchDispatchMode):
             return False
         nbytes = _rounded(st.nbytes())
         ref = weakref.ref(st, lambda _r, k=key, live=self._live: self._release(k) if live.get(k, [None])[0] is _r else None)
+        if t.device.type == "meta":
+            self._live[key] = [ref, nbytes, "host"]
+            self.host_total += nbytes
+            self.host_peak = max(self.host_peak, self.host_total)
+            return True
         self._live[key] = [ref, nbytes, cat]
         self._charge(nbytes, cat, where)
         return True
@@ -168,7 +181,7 @@ class LiveBytes(TorchDispatchMode):
     def retag(self, t: torch.Tensor, cat: str) -> None:
         """Move ``t``'s storage (charged already) to ``cat``."""
         entry = self._live.get(id(t.untyped_storage()))
-        if entry is not None and entry[2] != cat:
+        if entry is not None and entry[2] not in (cat, "host"):
             self.by_cat[entry[2]] -= entry[1]
             self.by_cat[cat] = self.by_cat.get(cat, 0) + entry[1]
             entry[2] = cat
@@ -353,10 +366,10 @@ def build(model_name: str, config_name: str, *, ckpt: bool, r: int = 16, alpha: 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                  target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
     report = None
-    if config_name == "fastlora":
+    if config_name in ("fastlora", "fastlora+offload"):
         import fastlora
 
-        report = fastlora.patch(model)
+        report = fastlora.patch(model, offload_checkpoints=config_name == "fastlora+offload")
     model.train()
     return model, report
 
@@ -385,6 +398,22 @@ def _internal(func, args, kwargs):
     return None
 
 
+@contextlib.contextmanager
+def _host_on_meta(config_name: str):
+    """``fastlora+offload``: its host copies go to the meta device, which the tracker keeps apart."""
+    if config_name != "fastlora+offload":
+        yield
+        return
+    from fastlora import offload
+
+    saved = offload.host_device
+    offload.host_device = lambda: torch.device("meta")
+    try:
+        yield
+    finally:
+        offload.host_device = saved
+
+
 def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool, **overrides) -> dict:
     """One steady-state QLoRA training step on fake tensors; the tracker's peak and split."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -392,7 +421,7 @@ def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool
     gc.collect()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     t0 = time.perf_counter()
-    with fake, _gpu_attention():
+    with fake, _gpu_attention(), _host_on_meta(config_name):
         model, report = build(model_name, config_name, ckpt=ckpt, **overrides)
         vocab = model.config.vocab_size
         params = {id(p): p for p in model.parameters()}
@@ -466,6 +495,11 @@ def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool
         if report is not None:
             applied = {"patched": len(report.patched), "fused_calls": report.fused_calls,
                        "fallback_calls": dict(report.fallback_calls), "skipped": dict(report.skipped)}
+            if report.offload or report.offload_skipped:
+                from fastlora import offload
+
+                stats = offload.stats(model)
+                applied["offload"] = {"calls": stats["calls"], "fallback": dict(stats["fallback"])}
     result = {
         "peak_bytes": tracker.peak,
         "peak_breakdown_bytes": {k: v for k, v in tracker.peak_by_cat.items() if v},
@@ -475,6 +509,7 @@ def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool
         "resident_bytes": sum(base.values()),
         "resident_breakdown_bytes": {k: v for k, v in base.items() if v},
         "end_bytes": tracker.total,
+        "host_peak_bytes": tracker.host_peak,
         "fastlora": applied,
         "wall_s": round(time.perf_counter() - t0, 2),
     }
@@ -560,7 +595,12 @@ def markdown(records, fits=None, breakdown_seq: int = 8192) -> str:
             if any(vals):
                 lines.append(f"| {cat} | " + " | ".join(f"{v / GB:.2f}" for v in vals) + " |")
         phases = [by_seq[big][c]["metrics"]["peak_phase"] for c in cfgs if c in by_seq[big]]
-        lines += ["| (peak reached in) | " + " | ".join(phases) + " |", ""]
+        lines += ["| (peak reached in) | " + " | ".join(phases) + " |"]
+        host = [by_seq[big].get(c, {}).get("metrics", {}).get("host_peak_bytes", 0) for c in cfgs]
+        if any(host):
+            lines.append("| (host memory peak, not in the device peak) | "
+                         + " | ".join(f"{v / GB:.2f}" for v in host) + " |")
+        lines.append("")
     if fits:
         lines += ["### Longest sequence that fits (real runs, bisection over powers of two)", "",
                   "| model | config | batch | ckpt | " + " | ".join(f"{g} GB" for g in fits["budgets_gb"]) + " |",
@@ -597,7 +637,8 @@ def plot(records, out: Path) -> Optional[Path]:
         for (cfg, batch, ckpt), pts in sorted(series[model].items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if cfg == "fastlora" else "--", label=f"{cfg} b{batch} ckpt {'on' if ckpt else 'off'}")
+                    linestyle={"fastlora": "-", "fastlora+offload": "-."}.get(cfg, "--"),
+                    label=f"{cfg} b{batch} ckpt {'on' if ckpt else 'off'}")
         for g in (16, 24, 80):
             ax.axhline(g, color="grey", linewidth=0.6, linestyle=":")
         ax.set_xscale("log", base=2)
@@ -638,8 +679,8 @@ def gpu_compare(args, device) -> dict:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                  target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
-        if cfg_name == "fastlora":
-            fastlora.patch(model)
+        if cfg_name in ("fastlora", "fastlora+offload"):
+            fastlora.patch(model, offload_checkpoints=cfg_name == "fastlora+offload")
         model.train()
         lora = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0, foreach=False)
@@ -664,7 +705,7 @@ def gpu_compare(args, device) -> dict:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="llama3-8b", help=f"comma-separated, of {sorted(MODELS)}")
-    ap.add_argument("--config", default="peft,fastlora", help="comma-separated, of peft,fastlora")
+    ap.add_argument("--config", default="peft,fastlora", help="comma-separated, of " + ",".join(CONFIGS))
     ap.add_argument("--seq", default="512,1024,2048,4096,8192", help="comma-separated sequence lengths")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes")
     ap.add_argument("--ckpt", default="off,on", help="gradient checkpointing: off, on or off,on")

@@ -67,6 +67,39 @@ def _check_target_dtype(device, *dtypes) -> None:
                         "(fp16=True in the Trainer, bnb_4bit_compute_dtype=float16, fp16 or fp32 adapters)")
 
 
+#: Triton versions from which ``tl.dot(fp32, fp32, input_precision="ieee")`` stays IEEE fp32 (FMA) on
+#: datacenter Blackwell (sm_100). Triton 3.6 and 3.7 compile it there to ``tcgen05.mma ... kind::tf32``:
+#: TF32 operands, a 10-bit mantissa, where PEFT's fp32 adapters multiply in fp32. Found by compiling
+#: the adapter products for sm_100 under each Triton (tests/test_gpu_targets.py checks it per toolchain).
+FP32_DOT_EXACT_FROM = (3, 8)
+
+
+def _triton_version() -> Tuple[int, int]:
+    import triton
+
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def fp32_products_exact(target, version: Optional[Tuple[int, int]] = None) -> bool:
+    """Whether fp32 adapter products (fp32 adapters without autocast) compute in IEEE fp32 on
+    ``target`` with the Triton of ``version`` (default: the installed one). None (the interpreter): yes."""
+    if target is None or configs.family(target) != "sm_100":
+        return True
+    return (version or _triton_version()) >= FP32_DOT_EXACT_FROM
+
+
+def _check_fp32_products(device, lora_dtype) -> None:
+    target = launch_target(device)
+    if lora_dtype == torch.float32 and not fp32_products_exact(target):
+        import triton
+
+        raise NotImplementedError(
+            f"fp32 adapter products on {target.name} ({target.gpu}) with Triton {triton.__version__}: this Triton "
+            f"compiles fp32 tl.dot there to TF32 tensor-core instructions, not IEEE fp32. Use Triton >= "
+            f"{'.'.join(map(str, FP32_DOT_EXACT_FROM))}, autocast (bf16/fp16 adapter products, as PEFT under autocast), "
+            f"or PEFT's own forward (fastlora.patch falls back there by itself, reason 'fp32_products')")
+
+
 def _round_base(compute_dtype: torch.dtype) -> bool:
     """Whether the frozen product (+ bias) is rounded to ``compute_dtype`` before the LoRA term is
     added. PEFT adds its LoRA term to the base layer's result, and that result is rounded wherever it
@@ -528,6 +561,7 @@ def lora_linear(
         lora_dtype = torch.promote_types(lora_A.dtype, lora_B.dtype)
     _check(x, w, N, K, lora_A, lora_B, bias, compute_dtype, lora_dtype, dropout_p, strategy)
     _check_target_dtype(x.device, compute_dtype, x.dtype, lora_dtype)
+    _check_fp32_products(x.device, lora_dtype)
     return _run(x, w, lora_A, lora_B, scaling, bias, dropout_p, compute_dtype, lora_dtype, strategy,
                 None if dropout_p == 0.0 or seed is None else _user_seed(seed))
 

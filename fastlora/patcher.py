@@ -54,7 +54,7 @@ from torch.nn.modules import module as _module_globals
 from .format import from_bnb, get_quant_state
 from .kernels._interpreter import can_run_on
 from .kernels._launch import launch_target
-from .ops import FLOAT_DTYPES, _run
+from .ops import FLOAT_DTYPES, _run, fp32_products_exact
 
 logger = logging.getLogger("fastlora")
 
@@ -92,6 +92,8 @@ FALLBACK_REASONS: Dict[str, str] = {
     "quant_state": "no usable bitsandbytes 4-bit quant_state (missing, unknown quant type or layout)",
     "packed_for_cpu": "bitsandbytes repacked the weight for its CPU inference kernel",
     "dtype": "dtypes PEFT would reject or promote differently (x vs weight, A vs B, autocast result)",
+    "fp32_products": "fp32 adapters without autocast on datacenter Blackwell (sm_100) with Triton < 3.8, "
+                     "which compiles fp32 tl.dot there to TF32 tensor-core instructions (not IEEE fp32)",
     "device_dtype": "bfloat16 on a GPU below compute capability 8.0 (T4 and older): fastlora's kernels need "
                     "bf16 tensor cores there; PEFT's forward runs as it would without fastlora",
     "module_hooks": "the base layer, lora_A/lora_B or the dropout has forward/backward hooks or its own "
@@ -132,6 +134,8 @@ class PatchReport:
     loss_skipped: Optional[str] = None  # why the loss was left as it is (None: applied, or not asked)
     liger_applied: Dict[str, List[str]] = field(default_factory=dict)  # Liger piece -> module names
     liger_skipped: Dict[str, str] = field(default_factory=dict)  # Liger piece -> why (not) everywhere
+    offload: Optional[str] = None          # where checkpoints go to host memory (fastlora.offload)
+    offload_skipped: Optional[str] = None  # why they do not (None: installed, or not asked)
     _logged: set = field(default_factory=set, repr=False)
 
     def summary(self) -> str:
@@ -155,6 +159,10 @@ class PatchReport:
             line += f"; Liger: {done}"
             if self.liger_skipped:
                 line += " (skipped: " + "; ".join(f"{p}: {r}" for p, r in self.liger_skipped.items()) + ")"
+        if self.offload:
+            line += f"; checkpoints offloaded to host memory: {self.offload}"
+        elif self.offload_skipped:
+            line += f"; checkpoints not offloaded ({self.offload_skipped})"
         return line
 
     def _fallback(self, name: str, reason: str) -> None:
@@ -480,6 +488,8 @@ def _plan(layer, st, x, args, kwargs):
     target = launch_target(x.device)
     if target is not None and not target.has_bf16 and torch.bfloat16 in (compute, x_in.dtype, lora_dt):
         return "device_dtype"
+    if lora_dt == torch.float32 and not fp32_products_exact(target):
+        return "fp32_products"
 
     if len(adapters) == 1:
         lora_A, lora_B, scaling = As[0], Bs[0], scalings[0]
@@ -562,7 +572,8 @@ def _lora_layers(model, what: str):
     return layers, types
 
 
-def patch(model: nn.Module, *, chunked_loss: bool = True, liger=None) -> PatchReport:
+def patch(model: nn.Module, *, chunked_loss: bool = True, liger=None,
+          offload_checkpoints: bool = False) -> PatchReport:
     """Make every eligible PEFT LoRA Linear layer of ``model`` run fastlora's fused op.
 
     ``chunked_loss`` (default on): a Llama / Mistral / Qwen2 / Qwen3 causal LM computes its training
@@ -580,11 +591,21 @@ def patch(model: nn.Module, *, chunked_loss: bool = True, liger=None) -> PatchRe
     differently from the HF forwards. ``report.liger_applied`` / ``report.liger_skipped`` say what
     was done; :func:`unpatch` undoes it.
 
+    ``offload_checkpoints`` (default off): with gradient checkpointing on, each decoder layer's input
+    (the fp32 residual stream, layers × tokens × hidden × 4 bytes: 4.3 GB for Llama-3-8B at 8192
+    tokens) waits for backward in pinned host memory instead of on the GPU, and is copied back for
+    its layer's recompute (:mod:`fastlora.offload`; same loss and gradients, dropout masks included).
+    It costs that much host RAM and a PCIe copy each way per layer and step, hence opt-in. Installed
+    on the layers where checkpointing is on and again by every later ``gradient_checkpointing_enable``
+    (``Trainer(gradient_checkpointing=True)`` calls it at train start); ``report.offload`` says where.
+
     Returns a :class:`PatchReport`; logs a summary line (logger ``"fastlora"``) and one line per
     distinct reason a layer was skipped. Patching an already patched model patches nothing new.
     """
     if not isinstance(chunked_loss, bool):
         raise TypeError(f"fastlora.patch: chunked_loss must be True or False, got {chunked_loss!r}")
+    if not isinstance(offload_checkpoints, bool):
+        raise TypeError(f"fastlora.patch: offload_checkpoints must be True or False, got {offload_checkpoints!r}")
     layers, types = _lora_layers(model, "patch")
     from .liger import resolve as _liger_pieces
 
@@ -594,6 +615,10 @@ def patch(model: nn.Module, *, chunked_loss: bool = True, liger=None) -> PatchRe
         from .loss import patch_loss
 
         report.loss, report.loss_skipped = patch_loss(model)
+    if offload_checkpoints:
+        from .offload import install as _install_offload
+
+        report.offload, report.offload_skipped = _install_offload(model)
     for name, layer in layers:
         if _STATE_ATTR in layer.__dict__:
             report.already_patched.append(name)
@@ -661,6 +686,10 @@ def unpatch(model: nn.Module) -> List[str]:
 
     if unpatch_loss(model):
         logger.info("restored the model's own loss")
+    from .offload import remove as _remove_offload
+
+    if _remove_offload(model):
+        logger.info("restored the decoder layers' own gradient checkpointing")
     from .liger import remove as _remove_liger
 
     liger_restored, liger_wrapped = _remove_liger(model)

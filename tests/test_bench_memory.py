@@ -68,6 +68,23 @@ def test_tiny_step_runs_for_both_configs(tiny_steps):
         # the step leaves what it found: model, adapters, optimizer state (gradients set to None)
         assert r["end_bytes"] == r["resident_bytes"]
     assert peft["resident_breakdown_bytes"] == fl["resident_breakdown_bytes"]
+    # without checkpointing there is nothing to offload: the same step as fastlora's
+    off = tiny_steps["fastlora+offload"]
+    assert off["fastlora"]["offload"] == {"calls": 0, "fallback": {}} and off["host_peak_bytes"] == 0
+    assert off["peak_bytes"] == fl["peak_bytes"]
+
+
+def test_offloaded_checkpoints_are_host_bytes():
+    """With checkpointing on, fastlora+offload's layer inputs are host (meta) storages: the host figure is
+    exactly the inputs of every layer but the first (the embedding output, a leaf autograd keeps), and the
+    device peak drops by them less what the recompute holds at once (its output and incoming gradient)."""
+    layers, batch, seq, hidden = 6, 2, 512, bm.MODELS["tiny"][1]["hidden_size"]
+    fl, off = (bm.run_step("tiny", c, seq, batch, True, num_hidden_layers=layers)
+               for c in ("fastlora", "fastlora+offload"))
+    one = batch * seq * hidden * 4           # an fp32 residual-stream tensor (a multiple of the 512 B block)
+    assert off["fastlora"]["offload"] == {"calls": layers, "fallback": {}}
+    assert off["host_peak_bytes"] == (layers - 1) * one and fl["host_peak_bytes"] == 0
+    assert fl["peak_bytes"] - off["peak_bytes"] >= (layers - 4) * one, (fl["peak_bytes"], off["peak_bytes"], one)
 
 
 def test_fastlora_keeps_fewer_activations_with_dropout(tiny_steps):
@@ -95,6 +112,7 @@ def test_records_report_and_fits(tmp_path):
     ap = argparse.ArgumentParser()
     bm.add_arguments(ap)
     args = ap.parse_args(["--model", "tiny", "--seq", "64", "--ckpt", "on", "--fit", "0.001",
+                          "--config", "peft,fastlora,fastlora+offload",
                           "--fit-max", "128", "--out", str(tmp_path)])
     summary = bm.run(args, torch.device("cpu"))
     recs = [json.loads(line) for line in open(tmp_path / "memory.jsonl", encoding="utf-8")]
@@ -113,6 +131,7 @@ def test_records_report_and_fits(tmp_path):
             assert measured[(row["config"], f["seq"])] <= 0.001 * 1e9
     md = (tmp_path / "results.md").read_text()
     assert "| 64 |" in md and "Longest sequence" in md
+    assert "fastlora+offload peak GB" in md and "host memory peak" in md
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares with torch.cuda.max_memory_allocated")

@@ -805,6 +805,37 @@ def test_fallback_bf16_below_sm80(kind):
     assert report.fused_calls == 1, "on a bf16-capable target the same call runs fused"
 
 
+@pytest.mark.parametrize("kind", ["4bit", "dense"])
+def test_fallback_fp32_products_on_sm100_with_old_triton(kind, monkeypatch):
+    """fp32 adapters without autocast on sm_100: Triton 3.6 / 3.7 compile the fp32 adapter products to
+    TF32 tensor-core instructions there, so the layer keeps PEFT's forward (reason ``fp32_products``,
+    PEFT's result bit for bit); with Triton 3.8 or newer the same call runs fused. ``lora_linear``
+    refuses it with the reason. The interpreter is told to launch as on that target."""
+    from fastlora import ops
+    from fastlora.kernels import _launch
+
+    pm = make_model(kind)
+    ref, report = patched_pair(pm)
+    x = rand(3, K_IN, dtype=torch.bfloat16 if kind == "dense" else torch.float32)
+    monkeypatch.setattr(ops, "_triton_version", lambda: (3, 6))
+    with _launch.tiles_for("sm_100"):
+        assert_fallback(pm, ref, report, "fp32_products", lambda m: m(x))
+        layer = pm.base_model.model.proj
+        w = layer.base_layer.weight if kind == "dense" else fastlora.format.from_bnb(
+            layer.base_layer.weight, layer.base_layer.weight.quant_state)
+        with pytest.raises(NotImplementedError, match="TF32"):
+            fastlora.lora_linear(x, w, layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):     # 16-bit adapter products: fused
+            pm(x)
+        assert report.fused_calls == 1
+    with _launch.tiles_for("sm_90"):                          # Hopper: FMA under every Triton
+        pm(x)
+    monkeypatch.setattr(ops, "_triton_version", lambda: (3, 8))
+    with _launch.tiles_for("sm_100"):
+        pm(x)
+    assert report.fused_calls == 3, dict(report.fallback_calls)
+
+
 @pytest.mark.parametrize("scaling", [float("inf"), 1e38])
 @pytest.mark.parametrize("kind,x_dtype", [("4bit", torch.float32), ("4bit", torch.bfloat16), ("dense", torch.bfloat16)])
 def test_huge_scaling_nonfinite_like_peft(kind, x_dtype, scaling):
