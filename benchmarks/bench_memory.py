@@ -86,7 +86,7 @@ GB = 1e9
 BLOCK = 512          # the CUDA caching allocator's smallest block (bytes)
 CATEGORIES = ("weights", "adapters", "optimizer_state", "gradients", "activations", "logits_loss",
               "weight_copies", "backward_temps", "optimizer_temps")
-CONFIGS = ("peft", "fastlora", "fastlora+offload")
+CONFIGS = ("peft", "fastlora", "fastlora+offload", "liger", "fastlora+liger")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 MODELS = {
@@ -366,12 +366,32 @@ def build(model_name: str, config_name: str, *, ckpt: bool, r: int = 16, alpha: 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                  target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
     report = None
-    if config_name in ("fastlora", "fastlora+offload"):
-        import fastlora
-
-        report = fastlora.patch(model, offload_checkpoints=config_name == "fastlora+offload")
+    report = apply_config(model, config_name)
     model.train()
     return model, report
+
+
+def apply_config(model, config_name: str):
+    """Apply configuration ``config_name`` to a PEFT model; fastlora's report, or None for ``peft``.
+    ``liger``: Liger-Kernel's four pieces (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) bound
+    by ``fastlora.liger`` on the PEFT model, no fastlora LoRA kernels; ``fastlora+liger``:
+    ``fastlora.patch(model, liger=True)`` (fastlora's chunked loss holds the loss there, so Liger's
+    fused cross-entropy is not applied: the report says so)."""
+    if config_name not in CONFIGS:
+        raise ValueError(f"unknown configuration {config_name!r}; one of {CONFIGS}")
+    if config_name == "peft":
+        return None
+    import fastlora
+
+    if config_name == "liger":
+        from fastlora import liger
+        from fastlora.patcher import PatchReport
+
+        report = PatchReport()
+        liger.apply(model, liger.resolve(True), report)
+        return report
+    return fastlora.patch(model, offload_checkpoints=config_name == "fastlora+offload",
+                          liger=True if config_name == "fastlora+liger" else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +434,48 @@ def _host_on_meta(config_name: str):
         offload.host_device = saved
 
 
+@contextlib.contextmanager
+def _liger_on_fake(config_name: str):
+    """Liger's ops on fake tensors: they are autograd Functions whose Python allocates their outputs,
+    gradients and chunk buffers with torch (what is measured) and then launches Triton kernels, which
+    cannot run on tensors without data. Inside, a Triton launch does nothing (compiled or interpreted),
+    and the two data-dependent host reads in Liger's fused cross-entropy answer fixed values:
+    ``.item()`` of a fake tensor 1 (the count of counted tokens: a divisor, not a size) and
+    ``torch.equal`` with a fake tensor True (its backward then skips a scaling kernel that allocates
+    nothing). Liger's kernels are told they can run (``fastlora.liger``'s device check)."""
+    if "liger" not in config_name:
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensor
+    from triton.runtime import interpreter, jit
+
+    from fastlora import liger
+
+    saved = (jit.JITFunction.run, interpreter.InterpretedFunction.run, torch.Tensor.item, torch.equal,
+             liger.can_run_on)
+    real_item, real_equal = torch.Tensor.item, torch.equal
+
+    def item(t):
+        if isinstance(t, FakeTensor):
+            return 1.0 if t.is_floating_point() else 1
+        return real_item(t)
+
+    def equal(a, b):
+        if isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
+            return True
+        return real_equal(a, b)
+
+    jit.JITFunction.run = lambda self, *a, **k: None
+    interpreter.InterpretedFunction.run = lambda self, *a, **k: None
+    torch.Tensor.item, torch.equal = item, equal
+    liger.can_run_on = lambda device: True
+    try:
+        yield
+    finally:
+        (jit.JITFunction.run, interpreter.InterpretedFunction.run, torch.Tensor.item, torch.equal,
+         liger.can_run_on) = saved
+
+
 def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool, **overrides) -> dict:
     """One steady-state QLoRA training step on fake tensors; the tracker's peak and split."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -421,7 +483,7 @@ def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool
     gc.collect()
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     t0 = time.perf_counter()
-    with fake, _gpu_attention(), _host_on_meta(config_name):
+    with fake, _gpu_attention(), _host_on_meta(config_name), _liger_on_fake(config_name):
         model, report = build(model_name, config_name, ckpt=ckpt, **overrides)
         vocab = model.config.vocab_size
         params = {id(p): p for p in model.parameters()}
@@ -495,6 +557,10 @@ def run_step(model_name: str, config_name: str, seq: int, batch: int, ckpt: bool
         if report is not None:
             applied = {"patched": len(report.patched), "fused_calls": report.fused_calls,
                        "fallback_calls": dict(report.fallback_calls), "skipped": dict(report.skipped)}
+            if report.liger_applied or report.liger_skipped:
+                applied["liger"] = {p: len(n) for p, n in report.liger_applied.items()}
+                applied["liger_skipped"] = dict(report.liger_skipped)
+            applied["loss"] = report.loss
             if report.offload or report.offload_skipped:
                 from fastlora import offload
 
@@ -679,8 +745,7 @@ def gpu_compare(args, device) -> dict:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout,
                                                  target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"))
-        if cfg_name in ("fastlora", "fastlora+offload"):
-            fastlora.patch(model, offload_checkpoints=cfg_name == "fastlora+offload")
+        apply_config(model, cfg_name)
         model.train()
         lora = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(lora, lr=1e-4, weight_decay=0.0, foreach=False)

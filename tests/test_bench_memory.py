@@ -87,6 +87,23 @@ def test_offloaded_checkpoints_are_host_bytes():
     assert fl["peak_bytes"] - off["peak_bytes"] >= (layers - 4) * one, (fl["peak_bytes"], off["peak_bytes"], one)
 
 
+def test_liger_configurations_run_liger_and_drop_the_logits():
+    """``liger`` binds Liger's four pieces (its Triton launches do nothing on fake tensors; its torch
+    allocations are measured): its fused cross-entropy keeps no [tokens, vocab] logits, so with a
+    vocabulary much wider than the hidden size the logits category is a fraction of PEFT's.
+    ``fastlora+liger`` keeps fastlora's own loss and takes Liger's other three pieces."""
+    pytest.importorskip("liger_kernel")
+    over = dict(vocab_size=8192)
+    peft, lig, both = (bm.run_step("tiny", c, 256, 2, True, **over) for c in ("peft", "liger", "fastlora+liger"))
+    assert lig["fastlora"]["liger"] == {"rms_norm": 5, "swiglu": 2, "rope": 2, "fused_linear_cross_entropy": 1}
+    assert both["fastlora"]["liger"] == {"rms_norm": 5, "swiglu": 2, "rope": 2}
+    assert both["fastlora"]["loss"] == "LlamaForCausalLM" and both["fastlora"]["fused_calls"] == 28
+    full_logits = 2 * 256 * 8192 * 4          # fp32 [batch, seq, vocab]
+    assert peft["peak_breakdown_bytes"].get("logits_loss", 0) >= full_logits
+    for r in (lig, both):
+        assert r["peak_bytes"] < peft["peak_bytes"] - full_logits // 2, (r["peak_bytes"], peft["peak_bytes"])
+
+
 def test_fastlora_keeps_fewer_activations_with_dropout(tiny_steps):
     # PEFT keeps dropout(X) (and its mask) for each adapter; fastlora's op saves X and H = D(X)·Aᵀ only
     peft, fl = tiny_steps["peft"], tiny_steps["fastlora"]
