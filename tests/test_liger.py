@@ -371,3 +371,35 @@ def test_unsupported_architecture_applies_nothing():
     assert "Liger: nothing (skipped: rms_norm: architecture 'opt'" in report.summary()
     assert not any(fl_liger.applied_piece(m) for m in pm.modules())
     fastlora.unpatch(pm)
+
+
+def test_whole_stack_within_rule(monkeypatch):
+    """Everything fastlora offers at once, as a long-context QLoRA run would use it: the LoRA kernels,
+    the chunked loss (on by default), Liger's RoPE and the checkpoints in host memory, with gradient
+    checkpointing on. Loss and every LoRA gradient within the rule of PEFT's bf16 error against an fp32
+    reference (the same NF4 weights, computed unpatched in fp32)."""
+    from fastlora import offload
+
+    pm = _llama()
+    base = pm.get_base_model()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+    spy = _Spy(monkeypatch, ["liger_rope"], _interpreter_stand_ins())
+    report = fastlora.patch(pm, liger=("rope",), offload_checkpoints=True)
+    assert report.loss == "LlamaForCausalLM" and report.offload, report.summary()
+    out, grads = _step(pm)
+    assert out.logits is None
+    assert spy.calls == {"liger_rope": 2 * N_LAYERS}       # forward, then the recompute in backward
+    assert offload.stats(pm)["calls"] == N_LAYERS and not offload.stats(pm)["fallback"]
+    assert report.fused_calls == 2 * 7 * N_LAYERS      # forward, then the recompute in backward
+
+    ref = _fp32(pm)
+    fastlora.unpatch(ref)
+    ref_out, ref_grads = _step(ref)
+    fastlora.unpatch(pm)
+    peft_out, peft_grads = _step(pm)
+    assert peft_out.logits is not None
+    assert_within_rule("loss", out.loss, ref_out.loss, peft_out.loss)
+    assert grads.keys() == ref_grads.keys() == peft_grads.keys()
+    for name in sorted(ref_grads):
+        assert_within_rule(name, grads[name], ref_grads[name], peft_grads[name])
