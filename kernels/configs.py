@@ -73,8 +73,11 @@ _INF = 1 << 62
 _SM80_UP = {
     "frozen4": [(16, _C(16, 128, 128, 8, 2, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
     # an fp32 LoRA term (fp32 adapters without autocast) in the epilogue: 128 x 64 for M > 16, where
-    # 128 x 128 spilled 8 B on sm_80..sm_89 with split-K's sum and the fp32 term in one launch
-    "frozen4_lora32": [(16, _C(16, 128, 128, 8, 2, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))],
+    # 128 x 128 spilled 8 B on sm_80..sm_89 with split-K's sum and the fp32 term in one launch; and a
+    # 32-deep step with 2 stages: 128 x 64 x 64 with 3 stages held X·Wᵀ at 255 registers, and Triton
+    # 3.6 spilled 16 B there (with 2 stages, both Tritons spilled 16-32 B); 128 x 64 x 32 with 2
+    # stages: at most 255 registers in dY·W and no spills under 3.6 or 3.9 on sm_80 / sm_86 / sm_89
+    "frozen4_lora32": [(16, _C(16, 128, 128, 8, 2, 32)), (_INF, _C(128, 64, 32, 8, 2, 32))],
     "frozen4_flat": [(16, _C(16, 64, 32, 4, 1, 8)), (_INF, _C(32, 64, 32, 4, 1))],
     "dense": [(16, _C(16, 128, 64, 4, 3, 8)), (_INF, _C(128, 64, 64, 8, 3))],
     "lora": [(_INF, _C(64, 32, 32, 4, 2, 32))],
@@ -98,7 +101,7 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
     # (at most 198 with 1 stage, and the same modelled time)
     "sm_8x": {**_SM80_UP, "dense": [(16, _C(16, 128, 64, 4, 2, 8)), (_INF, _C(128, 64, 64, 8, 3))],
               "frozen4": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 128, 64, 8, 3, 32))],
-              "frozen4_lora32": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]},
+              "frozen4_lora32": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 32, 8, 2, 32))]},
     "sm_75": {
         # Triton lowers tl.dot to FMA here: the frozen product goes to cuBLAS (ops' strategy rule),
         # the fused rows exist so that an explicit strategy="fused" still launches within 64 KB
@@ -119,11 +122,15 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 # the MMA work per decoded weight, at 218-234 registers and no spills
 TABLES["sm_12x"] = {**TABLES["sm_8x"],
                     "frozen4": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 128, 32, 8, 3, 32))]}
+# the fp32-LoRA-epilogue tile for M > 16 there: 128 x 64 x 32 with 3 stages, at 208-210 registers
+# under Triton 3.6 and 3.9 (128 x 64 x 64 reached 255 and spilled 8-16 B under both)
+TABLES["sm_12x"]["frozen4_lora32"] = [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 32, 8, 3, 32))]
 # datacenter Blackwell (sm_100: B200): Hopper's rows but these. The 16-bit adapter products' M > 64
 # tile with 3 stages: 24 B of stack in G (dY·B) at 48 registers; with 2 stages none
-# The per-element decode's M <= 16 tile with 1 stage: 8 B of stack in dY·W (M = 1); with 2 none
+# The per-element decode's M <= 16 tile with 1 stage: 8 B of stack in dY·W (M = 1); with 2 none under
+# Triton 3.9 but 8 B under 3.6; with 3 none under either (at most 167 registers)
 TABLES["sm_100"] = {**TABLES["sm_90"], "lora16": [(64, _C(64, 64, 64, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 2, 32))],
-                    "frozen4_flat": [(16, _C(16, 64, 32, 4, 2, 8)), (_INF, _C(32, 64, 32, 4, 1))]}
+                    "frozen4_flat": [(16, _C(16, 64, 32, 4, 3, 8)), (_INF, _C(32, 64, 32, 4, 1))]}
 # fp32 adapter products (IEEE, on FMA): with 2 stages H = D(X)·Aᵀ kept one value on the stack across
 # the main loop (8 B, at 72 registers) for down_proj's K = 14336 on sm_100 and sm_12x; with 1 stage
 # none on sm_12x, but G = dY·B did on sm_100 (8 B at 48 registers); with 3 stages none there
