@@ -136,6 +136,10 @@ TABLES["sm_100"] = {**TABLES["sm_90"], "lora16": [(64, _C(64, 64, 64, 4, 3, 32))
 # none on sm_12x, but G = dY·B did on sm_100 (8 B at 48 registers); with 3 stages none there
 TABLES["sm_100"]["lora"] = [(_INF, _C(64, 32, 32, 4, 3, 32))]
 TABLES["sm_12x"]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
+# 16-bit adapter products up to M = 64 (and dA / dB, narrowed to the rank) there: 64 x 64 x 64 kept 8 B
+# on the stack in dA (at 48-96 registers) under Triton 3.6 with 3 stages and under 3.9 with 2;
+# 64 x 64 x 32 with 3 stages none under either (at most 72 registers)
+TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
