@@ -138,8 +138,9 @@ TABLES["sm_100"]["lora"] = [(_INF, _C(64, 32, 32, 4, 3, 32))]
 TABLES["sm_12x"]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
 # 16-bit adapter products up to M = 64 (and dA / dB, narrowed to the rank) there: 64 x 64 x 64 kept 8 B
 # on the stack in dA (at 48-96 registers) under Triton 3.6 with 3 stages and under 3.9 with 2;
-# 64 x 64 x 32 with 3 stages none under either (at most 72 registers)
-TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 3, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]
+# 64 x 64 x 32 with 3 stages kept 8 B in split-K dB (64 x 16 x 32 at 80 registers, the odd shapes'
+# N <= 64 at M = 300) under 3.6; with 4 stages none under either (at most 87 registers, 22 KB)
+TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU

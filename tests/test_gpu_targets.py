@@ -12,8 +12,8 @@ must be decorated as compiled functions there, not as the interpreter's).
 The matrix is compiled by the installed Triton and by every other Triton named in
 ``FASTLORA_EXTRA_TRITONS`` (folders made with ``pip install --no-deps --target DIR triton==X``,
 separated by the path separator): Triton 3.6 is the version of the GPU image's PyTorch, and register
-allocation, spills and instruction selection change between Triton releases (``FASTLORA_CI_TRITON36=1
-.ci/run`` adds it).
+allocation, spills and instruction selection change between Triton releases (``.ci/run`` adds it;
+``FASTLORA_CI_TRITON36=0`` leaves it out).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def model_matrix():
 def test_gpu_images_triton_is_checked():
     """Where extra Tritons are named, one is the GPU image's (3.6), and it is what the worker imports."""
     if not EXTRA_TRITONS:
-        pytest.skip("FASTLORA_EXTRA_TRITONS is not set (FASTLORA_CI_TRITON36=1 .ci/run sets it to a Triton 3.6 folder)")
+        pytest.skip("FASTLORA_EXTRA_TRITONS is not set (.ci/run sets it to a Triton 3.6 folder)")
     versions = {_triton_version(p) for p in EXTRA_TRITONS}
     assert any(v.startswith("3.6.") for v in versions), versions
     out = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], text=True,
