@@ -28,10 +28,11 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .format import from_bnb
-from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, SEED_RANGE, lora_matmul, seed_tensor
+from .kernels.lora_matmul import (DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, SEED_RANGE, launch_together, lora_matmul,
+                                  seed_tensor)
 from .kernels import configs
 from .kernels._launch import launch_target, stub_active
-from .kernels.quant4 import Packed4bit, dequantize_4bit
+from .kernels.quant4 import Packed4bit
 
 STRATEGIES = ("fused", "dequant")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,7 +110,8 @@ def _round_base(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32
 
 
-def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, **epilogue):
+def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, before=(),
+                    beside=None, **epilogue):
     """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy.
 
     The frozen product (+ bias) is rounded to ``compute_dtype`` (see :func:`_round_base`) before the
@@ -118,40 +120,51 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, t
     ``term_first``: PEFT's 4-bit layer casts its LoRA term to the result dtype before adding it, and
     autograd sums the two branches' dX in x's dtype: each term is rounded on its own, then the sum. In
     fp16 that decides where ``inf`` appears (a term alone may overflow while the fp32 sum would not).
-    Then the LoRA term is written to ``out`` first (rounded to out's dtype) and the frozen product is
-    accumulated onto it; otherwise both are summed in fp32 and rounded once.
+    The kernel's epilogue then rounds both to out's dtype before it adds them (``round_term``).
+
+    Launches: ``before`` (at most two products resolved with ``defer=True``, independent of this one)
+    go out first, as one launch; the dequant strategy dequantizes W in that same launch. ``beside``
+    (a deferred product independent of this one's epilogue) is launched with the dequant strategy's
+    epilogue pass, or alone after the fused product.
     """
     round_base = _round_base(compute_dtype)
-    if term_first:
-        # out = LoRA term alone, rounded to out's dtype (the main loop is skipped: no frozen product)
-        lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, skip_main=True, **epilogue)
-        epilogue = {}
+    first, second = (tuple(before) + (None, None))[:2]
     if strategy == "fused":
-        return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
-                           round_base=round_base, accumulate=term_first, **epilogue)
+        launch_together(first, second)
+        lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
+                    round_base=round_base, round_term=term_first, **epilogue)
+        launch_together(beside)
+        return out
     # autocast would re-cast the cuBLAS product; the dtypes here are explicit ("meta": fastlora
     # inspect records the launches of a call on shape-only tensors, which autocast does not know)
     no_autocast = (torch.autocast(device_type=a.device.type, enabled=False) if a.device.type != "meta"
                    else contextlib.nullcontext())
     with no_autocast:
-        wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
+        if isinstance(w, Packed4bit):
+            wd = torch.empty((w.N, w.K), dtype=compute_dtype, device=a.device)
+            launch_together(first, second, (w, wd))   # the products before, and W dequantized, in one launch
+        else:
+            launch_together(first, second)
+            wd = w.to(compute_dtype)
         a_c = a.to(compute_dtype)
         wt = wd if trans_w else wd.t()
-        direct = not term_first and out.dtype == compute_dtype and out.is_contiguous()
+        direct = out.dtype == compute_dtype and out.is_contiguous()
         if bias is not None:
             b = bias.to(compute_dtype)
             prod = torch.addmm(b, a_c, wt, out=out) if direct else torch.addmm(b, a_c, wt)
         else:
             prod = torch.matmul(a_c, wt, out=out) if direct else torch.matmul(a_c, wt)
-        if term_first:
-            out.add_(prod.to(out.dtype))  # both rounded to out's dtype, then their sum
-        elif not direct:
-            out.copy_(prod)
+        if not direct:
+            out.copy_(prod)   # rounded to out's dtype, as PEFT's base layer returns it
         del wd, wt, a_c, prod  # the [N, K] temporary lives only for this one product
-    if term_first:
-        return out
-    return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True,
-                       skip_main=True, **epilogue)
+    # the epilogue pass: + the LoRA term on the product cuBLAS left in out, with ``beside``
+    epi = lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True, skip_main=True,
+                      round_term=term_first, defer=True, **epilogue)
+    if beside is not None:
+        launch_together(beside, epi)   # beside's main loop decides the launch's warps and stages
+    else:
+        launch_together(epi)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,11 +234,11 @@ def _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtyp
                         lora_dtype, r)
     drop = dropout_p > 0.0
     h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
-    lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
-                dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    h_p = lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
+                      dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed, defer=True)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
-                    term_first=isinstance(w, Packed4bit) and y.dtype == torch.float16,
+                    term_first=isinstance(w, Packed4bit) and y.dtype == torch.float16, before=(h_p,),
                     lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
     return y, h
 
@@ -273,31 +286,37 @@ def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dt
     strategy = _resolve(strategy, M, N, K, w, dy.device, "backward", compute_dtype, dropout_p > 0.0, x2.dtype,
                         lora_dtype, r)
     drop = dropout_p > 0.0
-    dx = dA = dB = g = None   # a gradient not asked for
+    dx = dA = dB = g = g_p = dA_p = dB_p = None   # a gradient not asked for
     if need_x or need_a:
         # G = s·dY·B: PEFT's dH, the gradient of the adapter path's input to lora_B, which it holds in
         # the adapters' (or autocast) dtype with s applied first, so a 16-bit G overflows where PEFT's does
         g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)
-        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
-                    adapter=True)
-    if need_x:
-        dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
-        _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
-                        term_first=dx.dtype == torch.float16,
-                        lora_l=g, lora_r=lora_A, lora_scale=1.0,
-                        dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+        g_p = lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                          adapter=True, defer=True)
     # dA and dB are accumulated in fp32 and stored in the parameter's dtype by the kernel; in 16-bit
     # adapter products they are rounded to lora_dtype first (PEFT computes them there: inf where it
     # overflows), which round_base does when there is no LoRA term
     round_grad = lora_dtype != torch.float32
+    if need_b:
+        dB = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device)   # (s·dY)ᵀ·H: needs only dY and H
+        dB_p = lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                           adapter=True, round_base=round_grad, defer=True)
     if need_a:
         dA = torch.empty((r, K), dtype=lora_A.dtype, device=dy.device)   # Gᵀ·D(X), s in G already
-        lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True, round_base=round_grad,
-                    dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-    if need_b:
-        dB = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device)   # (s·dY)ᵀ·H
-        lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
-                    adapter=True, round_base=round_grad)
+        dA_p = lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True,
+                           round_base=round_grad, dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p,
+                           seed=seed, defer=True)
+    # launches: G and dB together (with the dequant strategy, W's dequantization too), then dX, and
+    # dA (which needs G) with dX's epilogue pass or after the fused dX
+    if need_x:
+        dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
+        _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
+                        term_first=dx.dtype == torch.float16, before=(g_p, dB_p), beside=dA_p,
+                        lora_l=g, lora_r=lora_A, lora_scale=1.0,
+                        dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    else:
+        launch_together(g_p, dB_p)
+        launch_together(dA_p)
     return dx, dA, dB
 
 
