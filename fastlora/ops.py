@@ -12,6 +12,11 @@ Two strategies compute the frozen product (``choose_strategy`` picks one per cal
   backward dequantizes again. The LoRA term and the mask are still added by the kernel's epilogue,
   in place on the cuBLAS output.
 
+Launches per call (4-bit, dropout on): products that do not depend on each other share a launch
+(``kernels.lora_matmul.launch_together``). Fused: forward H, Y; backward G with dB, dX, dA: 2 + 3.
+Dequant: forward H with W's dequantization, cuBLAS, the epilogue; backward G with dB and W's
+dequantization, cuBLAS, dA with dX's epilogue: 3 + 3.
+
 The LoRA products (H = D(X)·Aᵀ, G = dY·B, dA, dB) run through the same kernel in ``lora_dtype``, the
 dtype PEFT runs its adapters in: under autocast the autocast dtype (bf16/fp16, on the tensor cores,
 H and G kept in it as PEFT keeps them), otherwise the adapters' own dtype: fp32 adapters in fp32 with
@@ -110,9 +115,10 @@ def _round_base(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32
 
 
-def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, before=(),
+def _frozen_product(a, w, out_dtype, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, before=(),
                     beside=None, **epilogue):
-    """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy.
+    """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy; returns out, a
+    new [M, J] tensor in ``out_dtype`` (the dequant strategy's is the one cuBLAS returns).
 
     The frozen product (+ bias) is rounded to ``compute_dtype`` (see :func:`_round_base`) before the
     LoRA term is added, so both strategies round where PEFT does.
@@ -130,6 +136,10 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, t
     round_base = _round_base(compute_dtype)
     first, second = (tuple(before) + (None, None))[:2]
     if strategy == "fused":
+        M = a.shape[0]
+        J = (w.K if isinstance(w, Packed4bit) else w.shape[1]) if trans_w else \
+            (w.N if isinstance(w, Packed4bit) else w.shape[0])
+        out = torch.empty((M, J), dtype=out_dtype, device=a.device)
         launch_together(first, second)
         lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
                     round_base=round_base, round_term=term_first, **epilogue)
@@ -148,15 +158,11 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, t
             wd = w.to(compute_dtype)
         a_c = a.to(compute_dtype)
         wt = wd if trans_w else wd.t()
-        direct = out.dtype == compute_dtype and out.is_contiguous()
-        if bias is not None:
-            b = bias.to(compute_dtype)
-            prod = torch.addmm(b, a_c, wt, out=out) if direct else torch.addmm(b, a_c, wt)
-        else:
-            prod = torch.matmul(a_c, wt, out=out) if direct else torch.matmul(a_c, wt)
-        if not direct:
-            out.copy_(prod)   # rounded to out's dtype, as PEFT's base layer returns it
-        del wd, wt, a_c, prod  # the [N, K] temporary lives only for this one product
+        # cuBLAS's own output is out (in another dtype: cast, as PEFT's base layer returns it)
+        out = torch.addmm(bias.to(compute_dtype), a_c, wt) if bias is not None else torch.mm(a_c, wt)
+        if out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        del wd, wt, a_c  # the [N, K] temporary lives only for this one product
     # the epilogue pass: + the LoRA term on the product cuBLAS left in out, with ``beside``
     epi = lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True, skip_main=True,
                       round_term=term_first, defer=True, **epilogue)
@@ -192,13 +198,34 @@ def _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, block
                       absmax2=absmax2, code2=code2, blocksize2=blocksize2, offset=offset)
 
 
+# the strategy "auto" calls run inside ``using_strategy`` (None: each call's own choice)
+_FORCED_STRATEGY: Optional[str] = None
+
+
+@contextlib.contextmanager
+def using_strategy(strategy: str):
+    """Inside, every call whose strategy is "auto" (a patched layer's) runs ``strategy`` ("fused" or
+    "dequant"): for benchmarks and debugging (``python -m benchmarks host --strategy``). Both give
+    the same results within the project's tolerance; only their speed differs."""
+    global _FORCED_STRATEGY
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    prev, _FORCED_STRATEGY = _FORCED_STRATEGY, strategy
+    try:
+        yield
+    finally:
+        _FORCED_STRATEGY = prev
+
+
 def _resolve(strategy, M, N, K, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank):
     """The strategy a call runs. "auto" on a CUDA device: the pick measured on it (``tuning.pick``:
     one dict lookup once its entry is known; the phase ("forward" / "backward"), the dtypes, the rank
     and whether dropout is on are the call's own, and the entry is measured with them); elsewhere the
-    static rule."""
+    static rule; inside :func:`using_strategy`, the strategy it names."""
     if strategy != "auto":
         return strategy
+    if _FORCED_STRATEGY is not None:
+        return _FORCED_STRATEGY
     if device.type != "cuda":
         return choose_strategy(M, N, K, isinstance(w, Packed4bit), device)
     global _tuning_pick
@@ -236,10 +263,9 @@ def _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtyp
     h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
     h_p = lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
                       dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed, defer=True)
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
-                    term_first=isinstance(w, Packed4bit) and y.dtype == torch.float16, before=(h_p,),
-                    lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
+    y = _frozen_product(x2, w, x2.dtype, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
+                        term_first=isinstance(w, Packed4bit) and x2.dtype == torch.float16, before=(h_p,),
+                        lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
     return y, h
 
 
@@ -309,11 +335,10 @@ def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dt
     # launches: G and dB together (with the dequant strategy, W's dequantization too), then dX, and
     # dA (which needs G) with dX's epilogue pass or after the fused dX
     if need_x:
-        dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
-        _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
-                        term_first=dx.dtype == torch.float16, before=(g_p, dB_p), beside=dA_p,
-                        lora_l=g, lora_r=lora_A, lora_scale=1.0,
-                        dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+        dx = _frozen_product(dy, w, x2.dtype, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
+                             term_first=x2.dtype == torch.float16, before=(g_p, dB_p), beside=dA_p,
+                             lora_l=g, lora_r=lora_A, lora_scale=1.0,
+                             dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
     else:
         launch_together(g_p, dB_p)
         launch_together(dA_p)
