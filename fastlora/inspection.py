@@ -857,15 +857,17 @@ def target_key(t: Target) -> str:
 
 
 def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None,
-        host: bool = False, triton_path: Optional[str] = None) -> List[CallReport]:
+        host: bool = False, triton_path: Optional[str] = None, parts: bool = True) -> List[CallReport]:
     """Inspect ``calls`` on ``targets``: each distinct specialization is compiled once, ``jobs``
     compiles at a time (default: the CPU count); ``host``: also measure each call's host time on
     this CPU (:func:`measure_host`). In a process whose kernels run in Triton's interpreter this
     starts a fresh process without TRITON_INTERPRET and returns its answer. ``triton_path``: a
     folder holding another Triton (``pip install --target DIR triton==X``), put first on the
-    worker's import path: the same launches compiled by that Triton's compiler."""
+    worker's import path: the same launches compiled by that Triton's compiler. ``parts`` (default
+    on): compile each segment of a merged launch alone too, for the segment's model; off, segments
+    are modelled with the merged kernel's facts (enough where only the launches' resources matter)."""
     if triton_path is not None or not kernels_compilable():
-        return _run_elsewhere(calls, targets, jobs, host, triton_path)
+        return _run_elsewhere(calls, targets, jobs, host, triton_path, parts)
     recorded = []                      # (call, target, launches, keys)
     distinct: Dict[tuple, tuple] = {}  # key -> (target, launch)
     for tname in targets:
@@ -875,7 +877,7 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
                 continue
             launches = record_call(c, t)
             keys = [_spec_key(L, t) for L in launches]
-            part_keys = [[_spec_key(P, t) for P in L.parts] for L in launches]
+            part_keys = [[_spec_key(P, t) for P in L.parts] if parts else [] for L in launches]
             for k, L in zip(keys, launches):
                 distinct.setdefault(k, (t, L))
             for ks, L in zip(part_keys, launches):
@@ -908,14 +910,14 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
     return reports
 
 
-def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None) -> List[CallReport]:
+def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None, parts=True) -> List[CallReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path)] + (
             [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("FASTLORA_NVIDIA_TOOLS", os.path.dirname(_nvidia_tool("cuobjdump")))
     payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs,
-                          "host": host})
+                          "host": host, "parts": parts})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -1173,7 +1175,7 @@ def main(argv=None) -> int:
     if args.worker:
         payload = json.loads(sys.stdin.read())
         reports = run([Call(**c) for c in payload["calls"]], payload["targets"], payload.get("jobs"),
-                      payload.get("host", False))
+                      payload.get("host", False), parts=payload.get("parts", True))
         sys.stdout.write(json.dumps([report_to_dict(r) for r in reports]))
         return 0
     try:

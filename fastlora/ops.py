@@ -13,7 +13,7 @@ Two strategies compute the frozen product (``choose_strategy`` picks one per cal
   in place on the cuBLAS output.
 
 Launches per call (4-bit, dropout on): products that do not depend on each other share a launch
-(``kernels.lora_matmul.launch_together``). Fused: forward H, Y; backward G with dB, dX, dA: 2 + 3.
+(``kernels.lora_matmul.launch_together``). Fused: forward H, Y; backward G, dB, dX, dA: 2 + 4.
 Dequant: forward H with W's dequantization, cuBLAS, the epilogue; backward G with dB and W's
 dequantization, cuBLAS, dA with dX's epilogue: 3 + 3.
 
@@ -140,7 +140,10 @@ def _frozen_product(a, w, out_dtype, *, trans_w, compute_dtype, strategy, bias=N
         J = (w.K if isinstance(w, Packed4bit) else w.shape[1]) if trans_w else \
             (w.N if isinstance(w, Packed4bit) else w.shape[0])
         out = torch.empty((M, J), dtype=out_dtype, device=a.device)
-        launch_together(first, second)
+        # each on its own: merged, they would add a compiled kernel per combination for one launch
+        # less where the fused strategy is within its launch budget already
+        launch_together(first)
+        launch_together(second)
         lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
                     round_base=round_base, round_term=term_first, **epilogue)
         launch_together(beside)
@@ -332,8 +335,8 @@ def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dt
         dA_p = lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True,
                            round_base=round_grad, dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p,
                            seed=seed, defer=True)
-    # launches: G and dB together (with the dequant strategy, W's dequantization too), then dX, and
-    # dA (which needs G) with dX's epilogue pass or after the fused dX
+    # launches (dequant strategy): G and dB with W's dequantization, cuBLAS's dX, then dA (which needs
+    # G) with dX's epilogue pass; fused: G, dB, dX, dA
     if need_x:
         dx = _frozen_product(dy, w, x2.dtype, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
                              term_first=x2.dtype == torch.float16, before=(g_p, dB_p), beside=dA_p,

@@ -37,7 +37,7 @@ Offsets are int64 (M·K may pass 2³¹).
 Merged launches: ``_lora_multi_kernel`` runs up to two independent products of one layer call and
 W's dequantization (``quant4.dequant_block``) in one launch, each program doing exactly what it
 would in a launch of its own (``launch_together``): a layer call then costs the GPU and the host
-fewer launches (G with dB; in the dequant strategy, H or G with W's dequantization, dA with dX's
+fewer launches (the dequant strategy: H, or G with dB, with W's dequantization; dA with dX's
 epilogue pass).
 
 Accumulation is fp32. Operands are cast to COMPUTE: the frozen product's dtype (bf16/fp16, tensor

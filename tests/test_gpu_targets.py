@@ -77,8 +77,12 @@ def _compiled_matrix(triton_path):
     if triton_path not in _MATRICES:
         odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
         dense = ins.calls_for({"q_proj/o_proj": (4096, 4096)}, ins.DEFAULT_M, dtype="bf16", quant="dense")
-        reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS, triton_path=triton_path)
-        reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",), triton_path=triton_path)
+        # a merged launch's segments are compiled alone only for the model, which the installed Triton's
+        # matrix feeds (the strategy thresholds); another Triton's is checked for resources only
+        parts = triton_path is None
+        reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS, triton_path=triton_path,
+                          parts=parts)
+        reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",), triton_path=triton_path, parts=parts)
         out = {}
         for r in reports:
             out.setdefault(r.target, []).append(r)
