@@ -396,19 +396,21 @@ def run_meta(args, device, writer, summary) -> None:
                     "measured in the GPU part only")
     target = get_target(args.target)
     gemm_rule = _bnb_rule(target)
-    for ad in adapters:
+    for ad, strategy in ((a, s) for a in adapters for s in args.strategy):
         peft_model, peft_layer = build_layer(packed, qs, meta, args.r, args.alpha, args.dropout, ad)
         fl_model, fl_layer = build_layer(packed, qs, meta, args.r, args.alpha, args.dropout, ad)
         report = fastlora.patch(fl_model)
         weight = harness.describe_4bit(fl_layer.base_layer)
-        with _launch.stubbed(target.name) as launches:
+        pin = contextlib.nullcontext() if strategy == "auto" else fastlora.ops.using_strategy(strategy)
+        with _launch.stubbed(target.name) as launches, pin:
             for M in args.m:
                 x, x_ng, dy = _inputs(M, K, N, meta)
                 provs = [Provider("fastlora", fl_model, fl_layer, x, x_ng, dy, False, report),
                          Provider("peft", peft_model, peft_layer, x, x_ng, dy, False)]
                 for mode in args.modes:
                     base_cfg = {"M": M, "N": N, "K": K, "r": args.r, "lora_alpha": args.alpha, "dropout": args.dropout,
-                                "mode": mode, "adapters": ad, "target": target.name, "measured_on": "meta",
+                                "mode": mode, "adapters": ad, "strategy": strategy, "target": target.name,
+                                "measured_on": "meta",
                                 "x_shape": list(x.shape), "reps": args.reps, "warmup": args.warmup, "weight": weight,
                                 "peft_layer": f"{type(peft_layer).__module__}.{type(peft_layer).__name__}"}
                     t0 = time.monotonic()
@@ -442,7 +444,7 @@ def run_meta(args, device, writer, summary) -> None:
                         writer.write(rec)
                         summary.append(rec)
                     f, b = summary[-2]["metrics"], summary[-1]["metrics"]
-                    harness.log(f"  M={M:<5d} {mode:10s} {ad:5s} fastlora {f['host_us_min']:8.1f} µs "
+                    harness.log(f"  M={M:<5d} {mode:10s} {ad:5s} {strategy:7s} fastlora {f['host_us_min']:8.1f} µs "
                                 f"peft {b['host_us_min']:8.1f} µs (min)  launches {f['launches']} vs {b['launches']}  "
                                 f"[{time.monotonic() - t0:.1f} s]")
         fastlora.unpatch(fl_model)
@@ -488,52 +490,55 @@ def run_cuda(args, device, writer, summary) -> None:
 
     N, K = args.shape
     packed, qs = quantize(N, K, device)
-    for ad in args.adapters:
+    for ad, strategy in ((a, s) for a in args.adapters for s in args.strategy):
         peft_model, peft_layer = build_layer(packed, qs, device, args.r, args.alpha, args.dropout, ad)
         fl_model, fl_layer = build_layer(packed, qs, device, args.r, args.alpha, args.dropout, ad)
         report = fastlora.patch(fl_model)
-        for M in args.m:
-            x, x_ng, dy = _inputs(M, K, N, device)
-            ac = ad == "autocast"
-            provs = [Provider("fastlora", fl_model, fl_layer, x, x_ng, dy, ac, report),
-                     Provider("peft", peft_model, peft_layer, x, x_ng, dy, ac)]
-            for mode in args.modes:
-                cfg = {"M": M, "N": N, "K": K, "r": args.r, "lora_alpha": args.alpha, "dropout": args.dropout,
-                       "mode": mode, "adapters": ad, "target": device_target(device).name, "measured_on": "cuda",
-                       "x_shape": list(x.shape), "reps": args.reps, "warmup": args.warmup}
-                try:
-                    fused0 = report.fused_calls
-                    samples = _interleaved(provs, mode, args.reps, args.warmup, _cuda_timer(mode, device))
-                except Exception as exc:  # the meta records stand without this part
+        pin = contextlib.nullcontext() if strategy == "auto" else fastlora.ops.using_strategy(strategy)
+        with pin:
+            for M in args.m:
+                x, x_ng, dy = _inputs(M, K, N, device)
+                ac = ad == "autocast"
+                provs = [Provider("fastlora", fl_model, fl_layer, x, x_ng, dy, ac, report),
+                         Provider("peft", peft_model, peft_layer, x, x_ng, dy, ac)]
+                for mode in args.modes:
+                    cfg = {"M": M, "N": N, "K": K, "r": args.r, "lora_alpha": args.alpha, "dropout": args.dropout,
+                           "mode": mode, "adapters": ad, "strategy": strategy, "target": device_target(device).name,
+                       "measured_on": "cuda",
+                           "x_shape": list(x.shape), "reps": args.reps, "warmup": args.warmup}
+                    try:
+                        fused0 = report.fused_calls
+                        samples = _interleaved(provs, mode, args.reps, args.warmup, _cuda_timer(mode, device))
+                    except Exception as exc:  # the meta records stand without this part
+                        for p in provs:
+                            writer.write(harness.make_record("host", {**cfg, "provider": p.name}, {}, FORMULAS,
+                                                             device=device, smoke=args.smoke, status="error",
+                                                             error=f"{type(exc).__name__}: {exc}"))
+                        harness.log(f"  cuda M={M} {mode}: {type(exc).__name__}: {exc}")
+                        continue
                     for p in provs:
-                        writer.write(harness.make_record("host", {**cfg, "provider": p.name}, {}, FORMULAS,
-                                                         device=device, smoke=args.smoke, status="error",
-                                                         error=f"{type(exc).__name__}: {exc}"))
-                    harness.log(f"  cuda M={M} {mode}: {type(exc).__name__}: {exc}")
-                    continue
-                for p in provs:
-                    s = samples[p.name]
-                    m = {}
-                    for i, what in enumerate(("host_us", "eager_us", "gpu_us")):
-                        m.update({f"{what}_{k}": v for k, v in _stats([v[i] for v in s]).items()})
-                    # False: some call was not wholly queued before the GPU reached it (its GPU time
-                    # includes waiting for the host)
-                    m["gpu_time_queued"] = all(v[3] for v in s)
-                    status, error = "ok", None
-                    if p.name == "fastlora":
-                        m.update(_report_counts(report))
-                        m["fused_calls_in_loop"] = report.fused_calls - fused0
-                        if m["fused_calls_in_loop"] != 2 * (args.reps + args.warmup) or report.fallback_calls:
-                            status = "fallback"
-                            error = f"the patched layer ran PEFT's forward: {_report_counts(report)}"
-                    rec = harness.make_record("host", {**cfg, "provider": p.name}, m, FORMULAS, device=device,
-                                              smoke=args.smoke, status=status, error=error)
-                    writer.write(rec)
-                    summary.append(rec)
-                harness.log(f"  cuda M={M:<5d} {mode:10s} {ad:8s} " + "  ".join(
-                    f"{r['config']['provider']} host {r['metrics']['host_us_min']:.1f} "
-                    f"eager {r['metrics']['eager_us_min']:.1f} gpu {r['metrics']['gpu_us_min']:.1f} µs"
-                    for r in summary[-2:]))
+                        s = samples[p.name]
+                        m = {}
+                        for i, what in enumerate(("host_us", "eager_us", "gpu_us")):
+                            m.update({f"{what}_{k}": v for k, v in _stats([v[i] for v in s]).items()})
+                        # False: some call was not wholly queued before the GPU reached it (its GPU time
+                        # includes waiting for the host)
+                        m["gpu_time_queued"] = all(v[3] for v in s)
+                        status, error = "ok", None
+                        if p.name == "fastlora":
+                            m.update(_report_counts(report))
+                            m["fused_calls_in_loop"] = report.fused_calls - fused0
+                            if m["fused_calls_in_loop"] != 2 * (args.reps + args.warmup) or report.fallback_calls:
+                                status = "fallback"
+                                error = f"the patched layer ran PEFT's forward: {_report_counts(report)}"
+                        rec = harness.make_record("host", {**cfg, "provider": p.name}, m, FORMULAS, device=device,
+                                                  smoke=args.smoke, status=status, error=error)
+                        writer.write(rec)
+                        summary.append(rec)
+                    harness.log(f"  cuda M={M:<5d} {mode:10s} {ad:8s} " + "  ".join(
+                        f"{r['config']['provider']} host {r['metrics']['host_us_min']:.1f} "
+                        f"eager {r['metrics']['eager_us_min']:.1f} gpu {r['metrics']['gpu_us_min']:.1f} µs"
+                        for r in summary[-2:]))
         fastlora.unpatch(fl_model)
         del peft_model, fl_model
         harness.free_memory(device)
@@ -550,14 +555,15 @@ def table(records) -> str:
     for r in records:
         c = r["config"]
         if r.get("status") == "ok":
-            by[(c["measured_on"], c["adapters"], c["M"], c["mode"])][c["provider"]] = r["metrics"]
+            by[(c["measured_on"], c["adapters"], c.get("strategy", "auto"), c["M"], c["mode"])][c["provider"]] = \
+                r["metrics"]
     lines = []
-    for (where, ad, M, mode), p in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
-                                                                      MODES.index(kv[0][3]))):
+    for (where, ad, st, M, mode), p in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3],
+                                                                          MODES.index(kv[0][4]))):
         f, b = p.get("fastlora"), p.get("peft")
         if not (f and b):
             continue
-        row = (f"| {where} | {ad} | {M} | {mode} | {f['host_us_min']:,.0f} / {f['host_us_median']:,.0f} | "
+        row = (f"| {where} | {ad} | {st} | {M} | {mode} | {f['host_us_min']:,.0f} / {f['host_us_median']:,.0f} | "
                f"{b['host_us_min']:,.0f} / {b['host_us_median']:,.0f} | "
                f"{f['host_us_min'] / b['host_us_min']:.2f} / {f['host_us_median'] / b['host_us_median']:.2f} | ")
         if "launches" in f:
@@ -566,8 +572,8 @@ def table(records) -> str:
             row += f"gpu {f['gpu_us_min']:,.0f} vs {b['gpu_us_min']:,.0f} µs; eager {f['eager_us_min']:,.0f} vs " \
                    f"{b['eager_us_min']:,.0f} µs |"
         lines.append(row)
-    head = ["| on | adapters | M | mode | fastlora µs min / median | PEFT µs min / median | ratio min / median "
-            "| launches fastlora vs PEFT |", "|---|---|---|---|---|---|---|---|"]
+    head = ["| on | adapters | strategy | M | mode | fastlora µs min / median | PEFT µs min / median "
+            "| ratio min / median | launches fastlora vs PEFT |", "|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines)
 
 
@@ -584,6 +590,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--modes", type=_csv(str), default=list(MODES), help=f"comma list of {MODES}")
+    ap.add_argument("--strategy", type=_csv(str), default=["auto"],
+                    help="comma list of auto (what a patched layer picks), fused, dequant (fastlora's "
+                         "strategy pinned with fastlora.ops.using_strategy); default auto")
     ap.add_argument("--adapters", type=_csv(str), default=None,
                     help="comma list of bf16 (bf16 adapters), fp32 (fp32 adapters in fp32), autocast (fp32 under "
                          "bf16 autocast: CUDA only); default bf16 (and autocast on a GPU)")
@@ -606,6 +615,9 @@ def run(args, device: Optional[torch.device] = None) -> dict:
     for m in args.modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
+    for st in args.strategy:
+        if st not in ("auto", "fused", "dequant"):
+            raise SystemExit(f"unknown --strategy {st!r}; choose from auto, fused, dequant")
     if args.adapters is None:
         args.adapters = ["bf16", "autocast"] if device.type == "cuda" else ["bf16"]
     for a in args.adapters:

@@ -178,17 +178,19 @@ def _host_markdown(records):
         if r.get("bench") != "host" or r.get("status") != "ok":
             continue
         c = r["config"]
-        key = (r["device_name"], c["measured_on"], c["target"], c["N"], c["K"], c["r"], c["dropout"], c["adapters"])
+        key = (r["device_name"], c["measured_on"], c["target"], c["N"], c["K"], c["r"], c["dropout"], c["adapters"],
+               c.get("strategy", "auto"))
         groups[key][(c["M"], c["mode"])][c["provider"]] = r["metrics"]
     lines = []
     modes = ("train_step", "forward")
     for key in sorted(groups):
-        dev, on, target, N, K, r, p, ad = key
+        dev, on, target, N, K, r, p, ad, strategy = key
         cuda = on == "cuda"
         what = ("real CUDA tensors, kernels run" if cuda else
                 f"meta tensors; fastlora's Triton launches compiled for {target}, the driver's launch stubbed")
-        lines += [f"### Host cost per layer call, {N}×{K} NF4 (double quant), r = {r}, dropout {p:g}, adapters {ad} "
-                  f"— {dev}", "", f"{what}. µs per call, min / median; ratio = fastlora / PEFT (below 1: fastlora "
+        pinned = "" if strategy == "auto" else f", fastlora's {strategy} strategy"
+        lines += [f"### Host cost per layer call, {N}×{K} NF4 (double quant), r = {r}, dropout {p:g}, adapters {ad}"
+                  f"{pinned} — {dev}", "", f"{what}. µs per call, min / median; ratio = fastlora / PEFT (below 1: fastlora "
                   "costs the host less).", ""]
         head = "| M | mode | fastlora host µs | PEFT host µs | ratio min / median | "
         head += ("fastlora eager step µs | PEFT eager step µs | fastlora GPU µs | PEFT GPU µs |" if cuda else

@@ -204,7 +204,12 @@ def _meta_packed(c: Call) -> Packed4bit:
 
 
 def _label(launch: _launch.Launch, c: Call, frozen, A, B) -> str:
-    """What a recorded launch computes, read off its arguments (which tensor is its W operand)."""
+    """What a recorded launch computes, read off its arguments (which tensor is its W operand); a
+    merged launch: its segments' labels joined by " + "."""
+    if launch.parts:
+        for P in launch.parts:
+            P.label = _label(P, c, frozen, A, B)
+        return " + ".join(P.label for P in launch.parts)
     if "dequant" in launch.name:
         return "dequant W"
     if "lora_matmul" not in launch.name:
@@ -253,6 +258,8 @@ def record_call(c: Call, target) -> List[_launch.Launch]:
     for i, L in enumerate(launches):
         L.label = _label(L, c, frozen, A, B)
         L.phase = "forward" if i < n_forward else "backward"
+        for P in L.parts:
+            P.phase = L.phase
     return launches
 
 
@@ -526,9 +533,43 @@ class LaunchReport:
     sum_instructions: float = 0.0        # per thread, one tile's whole sum (splits × per trip)
     sum_tail_bytes: int = 0              # the partials read back in the sum tail (the last wave's tiles)
     latency_us: float = 0.0              # KERNEL_LATENCY_US
+    # a merged launch: each segment modelled as the launch of its own it would otherwise be (with
+    # the facts of that kernel compiled alone); the launch's own facts are ``facts``
+    parts: List["LaunchReport"] = field(default_factory=list)
 
 
-def model_launch(launch: _launch.Launch, c: Call, t: Target, f: KernelFacts) -> LaunchReport:
+def _merged_report(launch: _launch.Launch, t: Target, f: KernelFacts, parts: List["LaunchReport"]) -> LaunchReport:
+    """A merged launch, modelled as its segments one after another (each as its own launch would be,
+    less the launch latencies it saves): the overlap of segments bound by different units is left out,
+    so this errs slow. Fit and resources are the merged kernel's own compile."""
+    occ = _occupancy(f, t) if f.compiled else 0
+    programs = launch.programs
+    latency = KERNEL_LATENCY_US
+    dram = sum(P.dram_us for P in parts)
+    # a floor: the segments' bytes at full bandwidth against their math at full peak (each part's
+    # floor is max(its DRAM, its math); where its math decides, that figure is its math floor)
+    math = sum(P.floor_us for P in parts if P.floor_us > P.dram_us)
+    ipw = [P.instr_per_weight for P in parts if P.instr_per_weight is not None]
+    return LaunchReport(
+        label=launch.label or launch.name, phase=launch.phase or "forward", kernel=launch.name,
+        grid=list(launch.grid), programs=programs, config=dict(parts[0].config), facts=f,
+        fits=f.compiled and f.shared <= t.smem_per_block and f.stack == 0 and f.local == 0,
+        smem_limit=t.smem_per_block, resident_per_sm=occ, flops=sum(P.flops for P in parts),
+        bytes=sum(P.bytes for P in parts), instr_per_weight=ipw[0] if ipw else None,
+        issue_us=sum(P.issue_us for P in parts), dram_us=dram, tensor_us=sum(P.tensor_us for P in parts),
+        model_us=sum(P.model_us for P in parts) - (len(parts) - 1) * latency, floor_us=max(dram, math),
+        waves=-(-programs // (max(1, occ) * t.sms)), per_sm=-(-programs // t.sms),
+        sum_us=sum(P.sum_us for P in parts), sum_instructions=sum(P.sum_instructions for P in parts),
+        sum_tail_bytes=sum(P.sum_tail_bytes for P in parts), latency_us=latency, parts=parts,
+    )
+
+
+def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None) -> LaunchReport:
+    """One launch's model; a merged launch (``launch.parts``) takes ``part_facts``: the facts of
+    each segment compiled as a launch of its own (without them, the merged kernel's own for each)."""
+    if launch.parts:
+        parts = [model_launch(P, c, t, pf) for P, pf in zip(launch.parts, part_facts or [f] * len(launch.parts))]
+        return _merged_report(launch, t, f, parts)
     flops, byts, decoded, trips, compute = _launch_work(launch, c)
     kw = launch.kwargs
     matmul = "lora_matmul" in launch.name
@@ -710,8 +751,10 @@ def _torch_kernels(c: Call, t: Target) -> List[TorchLaunchReport]:
     return res
 
 
-def _call_report(c: Call, t: Target, launches, facts: Sequence[KernelFacts]) -> CallReport:
-    reports = [model_launch(L, c, t, f) for L, f in zip(launches, facts)]
+def _call_report(c: Call, t: Target, launches, facts: Sequence[KernelFacts], part_facts=None) -> CallReport:
+    """``part_facts``: per launch, the facts of its segments compiled alone (a merged launch), else None."""
+    part_facts = part_facts or [None] * len(launches)
+    reports = [model_launch(L, c, t, f, pf) for L, f, pf in zip(launches, facts, part_facts)]
     torch_launches = _torch_kernels(c, t)
     dt = _DTYPES[c.dtype]
     gemms = 2 if c.mode == "train" else 1
@@ -765,7 +808,8 @@ def inspect_call(c: Call, target) -> CallReport:
     """Record, compile, read and model one layer call on ``target``."""
     t = get_target(target)
     launches = record_call(c, t)
-    return _call_report(c, t, launches, [kernel_facts(L, t) for L in launches])
+    return _call_report(c, t, launches, [kernel_facts(L, t) for L in launches],
+                        [[kernel_facts(P, t) for P in L.parts] if L.parts else None for L in launches])
 
 
 def _spec_key(launch: _launch.Launch, t: Target) -> tuple:
@@ -813,15 +857,17 @@ def target_key(t: Target) -> str:
 
 
 def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = None,
-        host: bool = False, triton_path: Optional[str] = None) -> List[CallReport]:
+        host: bool = False, triton_path: Optional[str] = None, parts: bool = True) -> List[CallReport]:
     """Inspect ``calls`` on ``targets``: each distinct specialization is compiled once, ``jobs``
     compiles at a time (default: the CPU count); ``host``: also measure each call's host time on
     this CPU (:func:`measure_host`). In a process whose kernels run in Triton's interpreter this
     starts a fresh process without TRITON_INTERPRET and returns its answer. ``triton_path``: a
     folder holding another Triton (``pip install --target DIR triton==X``), put first on the
-    worker's import path: the same launches compiled by that Triton's compiler."""
+    worker's import path: the same launches compiled by that Triton's compiler. ``parts`` (default
+    on): compile each segment of a merged launch alone too, for the segment's model; off, segments
+    are modelled with the merged kernel's facts (enough where only the launches' resources matter)."""
     if triton_path is not None or not kernels_compilable():
-        return _run_elsewhere(calls, targets, jobs, host, triton_path)
+        return _run_elsewhere(calls, targets, jobs, host, triton_path, parts)
     recorded = []                      # (call, target, launches, keys)
     distinct: Dict[tuple, tuple] = {}  # key -> (target, launch)
     for tname in targets:
@@ -831,9 +877,13 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
                 continue
             launches = record_call(c, t)
             keys = [_spec_key(L, t) for L in launches]
+            part_keys = [[_spec_key(P, t) for P in L.parts] if parts else [] for L in launches]
             for k, L in zip(keys, launches):
                 distinct.setdefault(k, (t, L))
-            recorded.append((c, t, launches, keys))
+            for ks, L in zip(part_keys, launches):
+                for k, P in zip(ks, L.parts):
+                    distinct.setdefault(k, (t, P))
+            recorded.append((c, t, launches, keys, part_keys))
     order = list(distinct)
     jobs = jobs or os.cpu_count() or 1
     global _POOL_JOBS
@@ -851,21 +901,23 @@ def run(calls: Sequence[Call], targets: Sequence[str], jobs: Optional[int] = Non
     finally:
         _POOL_JOBS = []
     by_key = dict(zip(order, facts))
-    reports = [_call_report(c, t, launches, [by_key[k] for k in keys]) for c, t, launches, keys in recorded]
+    reports = [_call_report(c, t, launches, [by_key[k] for k in keys],
+                            [[by_key[k] for k in ks] if ks else None for ks in part_keys])
+               for c, t, launches, keys, part_keys in recorded]
     if host:
         for r in reports:
             r.host_us = measure_host(r.call, r.target)
     return reports
 
 
-def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None) -> List[CallReport]:
+def _run_elsewhere(calls, targets, jobs=None, host=False, triton_path=None, parts=True) -> List[CallReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if triton_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(triton_path)] + (
             [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.setdefault("FASTLORA_NVIDIA_TOOLS", os.path.dirname(_nvidia_tool("cuobjdump")))
     payload = json.dumps({"calls": [asdict(c) for c in calls], "targets": list(targets), "jobs": jobs,
-                          "host": host})
+                          "host": host, "parts": parts})
     proc = subprocess.run([sys.executable, "-m", "fastlora.inspection", "--worker"], input=payload,
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -884,11 +936,13 @@ def report_to_dict(r: CallReport) -> dict:
 
 
 def _report_from_dict(d: dict) -> CallReport:
-    launches = []
-    for L in d["launches"]:
+    def launch_report(L: dict) -> LaunchReport:
         L = dict(L)
         L["facts"] = KernelFacts(**L["facts"])
-        launches.append(LaunchReport(**L))
+        L["parts"] = [launch_report(P) for P in L.get("parts", [])]
+        return LaunchReport(**L)
+
+    launches = [launch_report(L) for L in d["launches"]]
     return CallReport(Call(**d["call"]), d["target"], launches, d["cublas_us"], d["model_us"],
                       d["compute_floor_us"], d["memory_floor_us"], d.get("launch_us", 0.0), d.get("host_us"),
                       [TorchLaunchReport(**x) for x in d.get("torch_launches", [])])
@@ -1121,7 +1175,7 @@ def main(argv=None) -> int:
     if args.worker:
         payload = json.loads(sys.stdin.read())
         reports = run([Call(**c) for c in payload["calls"]], payload["targets"], payload.get("jobs"),
-                      payload.get("host", False))
+                      payload.get("host", False), parts=payload.get("parts", True))
         sys.stdout.write(json.dumps([report_to_dict(r) for r in reports]))
         return 0
     try:

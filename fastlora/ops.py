@@ -12,6 +12,11 @@ Two strategies compute the frozen product (``choose_strategy`` picks one per cal
   backward dequantizes again. The LoRA term and the mask are still added by the kernel's epilogue,
   in place on the cuBLAS output.
 
+Launches per call (4-bit, dropout on): products that do not depend on each other share a launch
+(``kernels.lora_matmul.launch_together``). Fused: forward H, Y; backward G, dB, dX, dA: 2 + 4.
+Dequant: forward H with W's dequantization, cuBLAS, the epilogue; backward G with dB and W's
+dequantization, cuBLAS, dA with dX's epilogue: 3 + 3.
+
 The LoRA products (H = D(X)·Aᵀ, G = dY·B, dA, dB) run through the same kernel in ``lora_dtype``, the
 dtype PEFT runs its adapters in: under autocast the autocast dtype (bf16/fp16, on the tensor cores,
 H and G kept in it as PEFT keeps them), otherwise the adapters' own dtype: fp32 adapters in fp32 with
@@ -28,10 +33,11 @@ from typing import Any, Optional, Tuple
 import torch
 
 from .format import from_bnb
-from .kernels.lora_matmul import DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, SEED_RANGE, lora_matmul, seed_tensor
+from .kernels.lora_matmul import (DROP_AOP, DROP_EPILOGUE, DROP_NONE, DROP_W, SEED_RANGE, launch_together, lora_matmul,
+                                  seed_tensor)
 from .kernels import configs
 from .kernels._launch import launch_target, stub_active
-from .kernels.quant4 import Packed4bit, dequantize_4bit
+from .kernels.quant4 import Packed4bit
 
 STRATEGIES = ("fused", "dequant")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -109,8 +115,10 @@ def _round_base(compute_dtype: torch.dtype) -> bool:
     return compute_dtype != torch.float32
 
 
-def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, **epilogue):
-    """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy.
+def _frozen_product(a, w, out_dtype, *, trans_w, compute_dtype, strategy, bias=None, term_first=False, before=(),
+                    beside=None, **epilogue):
+    """out = a · (Wᵀ or W) + bias + epilogue (the LoRA term), by the chosen strategy; returns out, a
+    new [M, J] tensor in ``out_dtype`` (the dequant strategy's is the one cuBLAS returns).
 
     The frozen product (+ bias) is rounded to ``compute_dtype`` (see :func:`_round_base`) before the
     LoRA term is added, so both strategies round where PEFT does.
@@ -118,40 +126,56 @@ def _frozen_product(a, w, out, *, trans_w, compute_dtype, strategy, bias=None, t
     ``term_first``: PEFT's 4-bit layer casts its LoRA term to the result dtype before adding it, and
     autograd sums the two branches' dX in x's dtype: each term is rounded on its own, then the sum. In
     fp16 that decides where ``inf`` appears (a term alone may overflow while the fp32 sum would not).
-    Then the LoRA term is written to ``out`` first (rounded to out's dtype) and the frozen product is
-    accumulated onto it; otherwise both are summed in fp32 and rounded once.
+    The kernel's epilogue then rounds both to out's dtype before it adds them (``round_term``).
+
+    Launches: ``before`` (at most two products resolved with ``defer=True``, independent of this one)
+    go out first, as one launch; the dequant strategy dequantizes W in that same launch. ``beside``
+    (a deferred product independent of this one's epilogue) is launched with the dequant strategy's
+    epilogue pass, or alone after the fused product.
     """
     round_base = _round_base(compute_dtype)
-    if term_first:
-        # out = LoRA term alone, rounded to out's dtype (the main loop is skipped: no frozen product)
-        lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, skip_main=True, **epilogue)
-        epilogue = {}
+    first, second = (tuple(before) + (None, None))[:2]
     if strategy == "fused":
-        return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
-                           round_base=round_base, accumulate=term_first, **epilogue)
+        M = a.shape[0]
+        J = (w.K if isinstance(w, Packed4bit) else w.shape[1]) if trans_w else \
+            (w.N if isinstance(w, Packed4bit) else w.shape[0])
+        out = torch.empty((M, J), dtype=out_dtype, device=a.device)
+        # each on its own: merged, they would add a compiled kernel per combination for one launch
+        # less where the fused strategy is within its launch budget already
+        launch_together(first)
+        launch_together(second)
+        lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, bias=bias,
+                    round_base=round_base, round_term=term_first, **epilogue)
+        launch_together(beside)
+        return out
     # autocast would re-cast the cuBLAS product; the dtypes here are explicit ("meta": fastlora
     # inspect records the launches of a call on shape-only tensors, which autocast does not know)
     no_autocast = (torch.autocast(device_type=a.device.type, enabled=False) if a.device.type != "meta"
                    else contextlib.nullcontext())
     with no_autocast:
-        wd = dequantize_4bit(w, compute_dtype) if isinstance(w, Packed4bit) else w.to(compute_dtype)
+        if isinstance(w, Packed4bit):
+            wd = torch.empty((w.N, w.K), dtype=compute_dtype, device=a.device)
+            launch_together(first, second, (w, wd))   # the products before, and W dequantized, in one launch
+        else:
+            launch_together(first, second)
+            wd = w.to(compute_dtype)
         a_c = a.to(compute_dtype)
         wt = wd if trans_w else wd.t()
-        direct = not term_first and out.dtype == compute_dtype and out.is_contiguous()
-        if bias is not None:
-            b = bias.to(compute_dtype)
-            prod = torch.addmm(b, a_c, wt, out=out) if direct else torch.addmm(b, a_c, wt)
-        else:
-            prod = torch.matmul(a_c, wt, out=out) if direct else torch.matmul(a_c, wt)
-        if term_first:
-            out.add_(prod.to(out.dtype))  # both rounded to out's dtype, then their sum
-        elif not direct:
-            out.copy_(prod)
-        del wd, wt, a_c, prod  # the [N, K] temporary lives only for this one product
-    if term_first:
-        return out
-    return lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True,
-                       skip_main=True, **epilogue)
+        # cuBLAS's own output is out (in another dtype: cast, as PEFT's base layer returns it)
+        out = torch.addmm(bias.to(compute_dtype), a_c, wt) if bias is not None else torch.mm(a_c, wt)
+        if out.dtype != out_dtype:
+            out = out.to(out_dtype)
+        del wd, wt, a_c  # the [N, K] temporary lives only for this one product
+    # the epilogue pass: + the LoRA term on the product cuBLAS left in out, with ``beside``
+    epi = lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True, skip_main=True,
+                      round_term=term_first, defer=True, **epilogue)
+    if beside is not None:
+        # the epilogue pass first: it decides the launch's warps and stages (8 warps, 1 stage): with
+        # beside's (dA: 4 warps, 3 stages) ptxas kept 8 B on the stack on sm_100
+        launch_together(epi, beside)
+    else:
+        launch_together(epi)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,13 +203,34 @@ def _weight(weight, code, absmax, absmax2, code2, offset, N, K, blocksize, block
                       absmax2=absmax2, code2=code2, blocksize2=blocksize2, offset=offset)
 
 
+# the strategy "auto" calls run inside ``using_strategy`` (None: each call's own choice)
+_FORCED_STRATEGY: Optional[str] = None
+
+
+@contextlib.contextmanager
+def using_strategy(strategy: str):
+    """Inside, every call whose strategy is "auto" (a patched layer's) runs ``strategy`` ("fused" or
+    "dequant"): for benchmarks and debugging (``python -m benchmarks host --strategy``). Both give
+    the same results within the project's tolerance; only their speed differs."""
+    global _FORCED_STRATEGY
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    prev, _FORCED_STRATEGY = _FORCED_STRATEGY, strategy
+    try:
+        yield
+    finally:
+        _FORCED_STRATEGY = prev
+
+
 def _resolve(strategy, M, N, K, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank):
     """The strategy a call runs. "auto" on a CUDA device: the pick measured on it (``tuning.pick``:
     one dict lookup once its entry is known; the phase ("forward" / "backward"), the dtypes, the rank
     and whether dropout is on are the call's own, and the entry is measured with them); elsewhere the
-    static rule."""
+    static rule; inside :func:`using_strategy`, the strategy it names."""
     if strategy != "auto":
         return strategy
+    if _FORCED_STRATEGY is not None:
+        return _FORCED_STRATEGY
     if device.type != "cuda":
         return choose_strategy(M, N, K, isinstance(w, Packed4bit), device)
     global _tuning_pick
@@ -221,12 +266,11 @@ def _forward(x2, lora_A, lora_B, w, bias, scaling, dropout_p, seed, compute_dtyp
                         lora_dtype, r)
     drop = dropout_p > 0.0
     h = torch.empty((M, r), dtype=lora_dtype, device=x2.device)
-    lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
-                dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    _frozen_product(x2, w, y, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
-                    term_first=isinstance(w, Packed4bit) and y.dtype == torch.float16,
-                    lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
+    h_p = lora_matmul(x2, lora_A, h, trans_w=False, compute_dtype=lora_dtype, adapter=True,
+                      dropout=DROP_AOP if drop else DROP_NONE, dropout_p=dropout_p, seed=seed, defer=True)
+    y = _frozen_product(x2, w, x2.dtype, trans_w=False, compute_dtype=compute_dtype, strategy=strategy,
+                        term_first=isinstance(w, Packed4bit) and x2.dtype == torch.float16, before=(h_p,),
+                        lora_l=h, lora_r=lora_B.t(), lora_scale=scaling, bias=bias)
     return y, h
 
 
@@ -273,31 +317,36 @@ def _backward(dy, x2, h, lora_A, lora_B, w, scaling, dropout_p, seed, compute_dt
     strategy = _resolve(strategy, M, N, K, w, dy.device, "backward", compute_dtype, dropout_p > 0.0, x2.dtype,
                         lora_dtype, r)
     drop = dropout_p > 0.0
-    dx = dA = dB = g = None   # a gradient not asked for
+    dx = dA = dB = g = g_p = dA_p = dB_p = None   # a gradient not asked for
     if need_x or need_a:
         # G = s·dY·B: PEFT's dH, the gradient of the adapter path's input to lora_B, which it holds in
         # the adapters' (or autocast) dtype with s applied first, so a 16-bit G overflows where PEFT's does
         g = torch.empty((M, r), dtype=lora_dtype, device=dy.device)
-        lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
-                    adapter=True)
-    if need_x:
-        dx = torch.empty((M, K), dtype=x2.dtype, device=dy.device)
-        _frozen_product(dy, w, dx, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
-                        term_first=dx.dtype == torch.float16,
-                        lora_l=g, lora_r=lora_A, lora_scale=1.0,
-                        dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+        g_p = lora_matmul(dy, lora_B, g, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                          adapter=True, defer=True)
     # dA and dB are accumulated in fp32 and stored in the parameter's dtype by the kernel; in 16-bit
     # adapter products they are rounded to lora_dtype first (PEFT computes them there: inf where it
     # overflows), which round_base does when there is no LoRA term
     round_grad = lora_dtype != torch.float32
+    if need_b:
+        dB = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device)   # (s·dY)ᵀ·H: needs only dY and H
+        dB_p = lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
+                           adapter=True, round_base=round_grad, defer=True)
     if need_a:
         dA = torch.empty((r, K), dtype=lora_A.dtype, device=dy.device)   # Gᵀ·D(X), s in G already
-        lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True, round_base=round_grad,
-                    dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
-    if need_b:
-        dB = torch.empty((N, r), dtype=lora_B.dtype, device=dy.device)   # (s·dY)ᵀ·H
-        lora_matmul(dy.t(), h, dB, trans_w=True, compute_dtype=lora_dtype, out_scale=scaling, scale_a=True,
-                    adapter=True, round_base=round_grad)
+        dA_p = lora_matmul(g.t(), x2, dA, trans_w=True, compute_dtype=lora_dtype, adapter=True,
+                           round_base=round_grad, dropout=DROP_W if drop else DROP_NONE, dropout_p=dropout_p,
+                           seed=seed, defer=True)
+    # launches (dequant strategy): G and dB with W's dequantization, cuBLAS's dX, then dA (which needs
+    # G) with dX's epilogue pass; fused: G, dB, dX, dA
+    if need_x:
+        dx = _frozen_product(dy, w, x2.dtype, trans_w=True, compute_dtype=compute_dtype, strategy=strategy,
+                             term_first=x2.dtype == torch.float16, before=(g_p, dB_p), beside=dA_p,
+                             lora_l=g, lora_r=lora_A, lora_scale=1.0,
+                             dropout=DROP_EPILOGUE if drop else DROP_NONE, dropout_p=dropout_p, seed=seed)
+    else:
+        launch_together(g_p, dB_p)
+        launch_together(dA_p)
     return dx, dA, dB
 
 

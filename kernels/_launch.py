@@ -43,6 +43,9 @@ class Launch:
     kwargs: dict
     label: Optional[str] = None   # what the launch computes ("Y", "dX", ...), set by fastlora inspect
     phase: Optional[str] = None   # "forward" / "backward", where the recording caller says
+    # a merged launch (several products of a call in one): each segment as the launch of its own
+    # it would otherwise be, for the model (``lora_matmul.launch_together``)
+    parts: List["Launch"] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -72,6 +75,11 @@ def _recorder() -> Optional[_Recorder]:
 
 def recording_active() -> bool:
     return _recorder() is not None
+
+
+def last_recorded() -> Launch:
+    """The launch recorded last (inside :func:`recording`)."""
+    return _recorder().launches[-1]
 
 
 @contextlib.contextmanager

@@ -34,6 +34,12 @@ mask-sized is stored. The seed is read from a one-element device tensor, drawn f
 host sync, and activation checkpointing (which restores that generator) regenerates the same mask.
 Offsets are int64 (M·K may pass 2³¹).
 
+Merged launches: ``_lora_multi_kernel`` runs up to two independent products of one layer call and
+W's dequantization (``quant4.dequant_block``) in one launch, each program doing exactly what it
+would in a launch of its own (``launch_together``): a layer call then costs the GPU and the host
+fewer launches (the dequant strategy: H, or G with dB, with W's dequantization; dA with dX's
+epilogue pass).
+
 Accumulation is fp32. Operands are cast to COMPUTE: the frozen product's dtype (bf16/fp16, tensor
 cores); for the adapter products H, G, dA, dB the dtype PEFT runs its adapters in (the autocast dtype
 under autocast, else the adapters' own): bf16/fp16 on the tensor cores, or fp32 with IEEE precision,
@@ -49,7 +55,8 @@ import triton
 import triton.language as tl
 
 from . import _interpreter, _launch, configs
-from .quant4 import Packed4bit, check_device, decode_4bit, decode_4bit_rows, kernel_args, pair_table, wide_decode_ok
+from .quant4 import (Packed4bit, _dequant_4bit_kernel, check_device, decode_4bit, decode_4bit_rows, dequant_block,
+                     dequantize_4bit, kernel_args, pair_table, wide_decode_ok)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -72,6 +79,104 @@ def _keep(seed, rows, k0, K, p, BLOCK_K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _lora_matmul_kernel(
+    a_ptr, stride_am, stride_ai, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    stride_wn, stride_wk, Kw, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj, bias_ptr,
+    out_ptr, stride_om, stride_oj, part_ptr, count_ptr, M, J, I, rank, out_scale, lora_scale,
+    seed_ptr, seed_lo, seed_hi, p, keep_scale,
+    TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT: tl.constexpr, MAIN: tl.constexpr,
+    SCALE_A: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, ROUND_TERM: tl.constexpr,
+):
+    """One product: grid (output tiles, splits)."""
+    _product(tl.program_id(0), tl.program_id(1), tl.num_programs(1),
+             a_ptr, stride_am, stride_ai, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+             offset_ptr, stride_wn, stride_wk, Kw, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr,
+             stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, part_ptr, count_ptr, M, J, I,
+             rank, out_scale, lora_scale, seed_ptr, seed_lo, seed_hi, p, keep_scale, TRANS_W,
+             IS_4BIT, NESTED, BLOCKSIZE, BLOCKSIZE2, HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT,
+             ROUND_BASE, COMPUTE, FAST_4BIT, SWAP_AB, SPLIT, MAIN, SCALE_A, SEED_PTR, BLOCK_M,
+             BLOCK_J, BLOCK_I, BLOCK_R, GROUP_M, ROUND_TERM)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _lora_multi_kernel(
+    # segment 0: a product (its programs first: tiles0 · splits0 of them)
+    a_ptr, stride_am, stride_ai, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    stride_wn, stride_wk, Kw, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj, bias_ptr,
+    out_ptr, stride_om, stride_oj, part_ptr, count_ptr, M, J, I, rank, out_scale, lora_scale,
+    # segment 1 (SEG1): a second product of the same layer call (tiles1 · splits1 programs)
+    a_ptr_1, stride_am_1, stride_ai_1, w_ptr_1, code_ptr_1, absmax_ptr_1, absmax2_ptr_1,
+    code2_ptr_1, offset_ptr_1, stride_wn_1, stride_wk_1, Kw_1, l_ptr_1, stride_lm_1, stride_lr_1,
+    r_ptr_1, stride_rr_1, stride_rj_1, bias_ptr_1, out_ptr_1, stride_om_1, stride_oj_1, part_ptr_1,
+    count_ptr_1, M_1, J_1, I_1, rank_1, out_scale_1, lora_scale_1,
+    # the call's dropout (one seed and p for every segment; a segment without dropout ignores them)
+    seed_ptr, seed_lo, seed_hi, p, keep_scale,
+    # segment 2 (DEQ): W [N, K] dequantized from 4 bits into dq_out_ptr, DQ_BLOCK elements per program
+    dq_w_ptr, dq_code_ptr, dq_absmax_ptr, dq_absmax2_ptr, dq_code2_ptr, dq_offset_ptr, dq_out_ptr, dq_numel,
+    dq_nbytes,
+    tiles0, splits0, tiles1, splits1,
+    TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT: tl.constexpr, MAIN: tl.constexpr,
+    SCALE_A: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, ROUND_TERM: tl.constexpr,
+    TRANS_W_1: tl.constexpr, IS_4BIT_1: tl.constexpr, NESTED_1: tl.constexpr,
+    BLOCKSIZE_1: tl.constexpr, BLOCKSIZE2_1: tl.constexpr, HAS_LORA_1: tl.constexpr,
+    HAS_BIAS_1: tl.constexpr, ACC_OUT_1: tl.constexpr, DROPOUT_1: tl.constexpr,
+    ROUND_BASE_1: tl.constexpr, COMPUTE_1: tl.constexpr, FAST_4BIT_1: tl.constexpr,
+    SWAP_AB_1: tl.constexpr, SPLIT_1: tl.constexpr, MAIN_1: tl.constexpr, SCALE_A_1: tl.constexpr,
+    SEED_PTR_1: tl.constexpr, BLOCK_M_1: tl.constexpr, BLOCK_J_1: tl.constexpr,
+    BLOCK_I_1: tl.constexpr, BLOCK_R_1: tl.constexpr, GROUP_M_1: tl.constexpr,
+    ROUND_TERM_1: tl.constexpr,
+    SEG1: tl.constexpr, DEQ: tl.constexpr, DQ_BLOCKSIZE: tl.constexpr, DQ_BLOCKSIZE2: tl.constexpr,
+    DQ_NESTED: tl.constexpr, DQ_BLOCK: tl.constexpr, DQ_GROUP: tl.constexpr,
+):
+    """Independent pieces of work of one layer call in one launch (a 1-D grid): segment 0's
+    programs, then segment 1's, then the dequant's. Each program runs exactly what it would run in a
+    launch of its own (the same tile, split and epilogue); only the launch is shared."""
+    pid = tl.program_id(0)
+    n0 = tiles0 * splits0
+    if pid < n0:
+        _product(pid % tiles0, pid // tiles0, splits0,
+                 a_ptr, stride_am, stride_ai, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+                 offset_ptr, stride_wn, stride_wk, Kw, l_ptr, stride_lm, stride_lr, r_ptr,
+                 stride_rr, stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, part_ptr,
+                 count_ptr, M, J, I, rank, out_scale, lora_scale, seed_ptr, seed_lo, seed_hi, p,
+                 keep_scale, TRANS_W, IS_4BIT, NESTED, BLOCKSIZE, BLOCKSIZE2, HAS_LORA, HAS_BIAS,
+                 ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, FAST_4BIT, SWAP_AB, SPLIT, MAIN, SCALE_A,
+                 SEED_PTR, BLOCK_M, BLOCK_J, BLOCK_I, BLOCK_R, GROUP_M, ROUND_TERM)
+    else:
+        pid = pid - n0
+        n1 = tiles1 * splits1
+        if pid < n1:
+            if SEG1:
+                # segment 1's split-K counters follow segment 0's
+                _product(pid % tiles1, pid // tiles1, splits1,
+                         a_ptr_1, stride_am_1, stride_ai_1, w_ptr_1, code_ptr_1, absmax_ptr_1,
+                         absmax2_ptr_1, code2_ptr_1, offset_ptr_1, stride_wn_1, stride_wk_1, Kw_1,
+                         l_ptr_1, stride_lm_1, stride_lr_1, r_ptr_1, stride_rr_1, stride_rj_1,
+                         bias_ptr_1, out_ptr_1, stride_om_1, stride_oj_1, part_ptr_1,
+                         count_ptr_1 + tiles0, M_1, J_1, I_1, rank_1, out_scale_1, lora_scale_1,
+                         seed_ptr, seed_lo, seed_hi, p, keep_scale, TRANS_W_1, IS_4BIT_1, NESTED_1,
+                         BLOCKSIZE_1, BLOCKSIZE2_1, HAS_LORA_1, HAS_BIAS_1, ACC_OUT_1, DROPOUT_1,
+                         ROUND_BASE_1, COMPUTE_1, FAST_4BIT_1, SWAP_AB_1, SPLIT_1, MAIN_1,
+                         SCALE_A_1, SEED_PTR_1, BLOCK_M_1, BLOCK_J_1, BLOCK_I_1, BLOCK_R_1,
+                         GROUP_M_1, ROUND_TERM_1)
+        else:
+            if DEQ:
+                dequant_block(pid - n1, dq_w_ptr, dq_code_ptr, dq_absmax_ptr, dq_absmax2_ptr, dq_code2_ptr,
+                              dq_offset_ptr, dq_out_ptr, dq_numel, dq_nbytes, DQ_BLOCKSIZE, DQ_BLOCKSIZE2,
+                              DQ_NESTED, DQ_BLOCK, DQ_GROUP)
+
+
+@triton.jit
+def _product(
+    # the program's output tile (before the grouped order is applied), its split and the split count
+    pid, pid_s, nsplit,
     # Aop [M, I], any strides
     a_ptr, stride_am, stride_ai,
     # W [Nw, Kw]: 4-bit (decode args) or dense (w_ptr + strides)
@@ -94,10 +199,12 @@ def _lora_matmul_kernel(
     ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr, FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr,
     SPLIT: tl.constexpr, MAIN: tl.constexpr, SCALE_A: tl.constexpr, SEED_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, ROUND_TERM: tl.constexpr,
 ):
+    """One program of one product: output tile ``pid`` (in launch order), split ``pid_s`` of
+    ``nsplit``. Its own kernel (:func:`_lora_matmul_kernel`) or a segment of a merged launch
+    (:func:`_lora_multi_kernel`) runs it."""
     # -- grouped program order: GROUP_M row-blocks share each column-block of W while it is hot --
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_j = tl.cdiv(J, BLOCK_J)
     group_size = GROUP_M * num_j
@@ -128,8 +235,8 @@ def _lora_matmul_kernel(
     #    MAIN = False: an epilogue-only pass (the product is in ``out`` or in the partials): no loop is
     #    compiled at all, so the pass is sized for its real work
     if MAIN:
-        steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), tl.num_programs(1))
-        i_lo = tl.program_id(1) * steps_per_split * BLOCK_I
+        steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), nsplit)
+        i_lo = pid_s * steps_per_split * BLOCK_I
         i_hi = tl.minimum(I, i_lo + steps_per_split * BLOCK_I)
         for i0 in range(i_lo, i_hi, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)                # [BLOCK_I]
@@ -188,13 +295,13 @@ def _lora_matmul_kernel(
         # itself in at the tile's counter; the program that arrives last adds the slices in the
         # fixed order s = 0, 1, ... (the same sum whatever the arrival order: deterministic), runs
         # the epilogue and puts the counter back to zero for the next launch
-        splits = tl.num_programs(1)
+        splits = nsplit
         # int64 scalars (M·J·splits may pass 2³¹) plus int32 offsets within the tile: a [BLOCK_M,
         # BLOCK_J] tensor of 64-bit pointers kept across the sum would cost registers the big tiles
         # do not have (it spilled on sm_80)
-        slice_elems = (tl.program_id(1).to(tl.int64) * 0 + M) * J
+        slice_elems = (pid_s.to(tl.int64) * 0 + M) * J
         tile_base = (pid_m * BLOCK_M).to(tl.int64) * J + pid_j * BLOCK_J
-        tl.store(part_ptr + (tl.program_id(1) * slice_elems + tile_base)
+        tl.store(part_ptr + (pid_s * slice_elems + tile_base)
                  + (tl.arange(0, BLOCK_M)[:, None] * J + tl.arange(0, BLOCK_J)[None, :]), acc,
                  mask=mask_m[:, None] & mask_j[None, :])
         tl.debug_barrier()                   # every thread's partial stored before the tile counts in
@@ -217,11 +324,12 @@ def _lora_matmul_kernel(
         _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_last, mask_j, l_ptr, stride_lm, stride_lr, r_ptr,
                   stride_rr, stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale,
                   seed, p, keep_scale, HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE,
-                  BLOCK_M, BLOCK_J, BLOCK_R)
+                  BLOCK_M, BLOCK_J, BLOCK_R, ROUND_TERM)
     else:
         _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj,
                   bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
-                  HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, BLOCK_M, BLOCK_J, BLOCK_R)
+                  HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, BLOCK_M, BLOCK_J, BLOCK_R,
+                  ROUND_TERM)
 
 
 @triton.jit
@@ -229,7 +337,7 @@ def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_
               bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
               HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr,
               ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr, ROUND_TERM: tl.constexpr):
     # the LoRA term's dtype is L's (H or G): 16-bit -> tensor cores, R cast to it as autocast casts
     # the adapter weight; fp32 -> IEEE fp32
     LORA_DT: tl.constexpr = l_ptr.dtype.element_ty
@@ -258,6 +366,12 @@ def _epilogue(acc, offs_m, offs_j, j0, mask_m, mask_j, l_ptr, stride_lm, stride_
         if DROPOUT == 3:
             keep = _keep(seed, offs_m, j0, J, p, BLOCK_J)
             term = term * tl.where(keep, keep_scale, 0.0)   # dropout's backward: a product (NaN stays NaN)
+        if ROUND_TERM:
+            # PEFT's fp16 sum: the frozen product and the LoRA term each rounded to out's dtype on
+            # their own, then added (an fp16 term alone may overflow where the fp32 sum would not)
+            OUT_DT: tl.constexpr = out_ptr.dtype.element_ty
+            acc = acc.to(OUT_DT).to(tl.float32)
+            term = term.to(OUT_DT).to(tl.float32)
         acc += term
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_j[None, :] * stride_oj
     out_mask = mask_m[:, None] & mask_j[None, :]
@@ -384,7 +498,7 @@ def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config, 
 
 
 def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumulate, dropout, skip_main,
-                round_base, adapter, scale_a, target, config, M, J, I, Nw, Kw, rank) -> _Plan:
+                round_base, round_term, adapter, scale_a, target, config, M, J, I, Nw, Kw, rank) -> _Plan:
     is_4bit = isinstance(w, Packed4bit)
     wide = is_4bit and wide_decode_ok(w)
     kind = _kind(is_4bit, skip_main, compute_dtype, wide, adapter,
@@ -396,7 +510,7 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
         TRANS_W=trans_w, IS_4BIT=is_4bit, NESTED=is_4bit and w.nested,
         BLOCKSIZE=w.blocksize if is_4bit else 64, BLOCKSIZE2=w.blocksize2 if is_4bit else 256,
         HAS_LORA=lora_l is not None, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
-        ROUND_BASE=round_base, COMPUTE=_TL_DTYPES[compute_dtype],
+        ROUND_BASE=round_base, ROUND_TERM=round_term, COMPUTE=_TL_DTYPES[compute_dtype],
         FAST_4BIT=wide and not skip_main,
         SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= SWAP_AB_MAX_M,
         SPLIT=splits > 1, MAIN=not skip_main, SCALE_A=scale_a, SEED_PTR=isinstance(seed, torch.Tensor),
@@ -450,10 +564,12 @@ def lora_matmul(
     seed=None,
     skip_main: bool = False,
     round_base: bool = False,
+    round_term: bool = False,
     adapter: bool = False,
     scale_a: bool = False,
     config: Optional[configs.TileConfig] = None,
-) -> torch.Tensor:
+    defer: bool = False,
+):
     """out[M, J] = out_scale · a[M, I] · T[I, J]  (+ lora_scale · lora_l[M, r] · lora_r[r, J], + bias[J],
     + out if accumulate), T = Wᵀ (trans_w False) or W (trans_w True).
 
@@ -468,32 +584,37 @@ def lora_matmul(
     skip_main: run only the epilogue (the frozen product is already in ``out``)
     round_base: round out_scale·a·T + bias to compute_dtype before the LoRA term is added (with no
             LoRA term: the result is rounded to compute_dtype before it is stored in out's dtype)
+    round_term: round the frozen product (+ bias) and the LoRA term to out's dtype each on its own,
+            then add them (PEFT's sum of the two branches in fp16)
     adapter: the product is one of the adapter products (H, G, dA, dB: one dimension is the rank),
             which has its own tiles when 16-bit
     scale_a: apply out_scale to a (rounded to compute_dtype, then the product), as PEFT's backward
             scales dY before lora_B's, instead of to the product
     config: a tile configuration instead of the table's (the tuner's candidates)
+    defer:  resolve the product but do not launch it: returns a :class:`Pending` for
+            :func:`launch_together` (None when the product is empty)
 
     The first call of a specialization class (dtypes, shapes, strides, alignment, flags, target)
     validates it and resolves its plan; later calls look the plan up and launch.
     """
     target = _launch.launch_target(a.device)
-    flags = (trans_w, compute_dtype, accumulate, dropout, skip_main, round_base, adapter, scale_a)
+    flags = (trans_w, compute_dtype, accumulate, dropout, skip_main, round_base, round_term, adapter, scale_a)
     key = _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config)
     plan = _PLANS.get(key)
     if plan is None:
         M, J, I, Nw, Kw, rank = _validate(a, w, out, lora_l, lora_r, compute_dtype, dropout, seed, trans_w)
         if M == 0 or J == 0:
-            return out
+            return None if defer else out
         _interpreter.ensure()
         plan = _PLANS[key] = _build_plan(
             a, w, out, lora_l, bias, seed, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=accumulate,
-            dropout=dropout, skip_main=skip_main, round_base=round_base, adapter=adapter, scale_a=scale_a,
+            dropout=dropout, skip_main=skip_main, round_base=round_base, round_term=round_term, adapter=adapter,
+            scale_a=scale_a,
             target=target, config=config, M=M, J=J, I=I, Nw=Nw, Kw=Kw, rank=rank)
     M, I = a.shape
     J = out.shape[1]
     if M == 0 or J == 0:
-        return out
+        return None if defer else out
     if isinstance(w, Packed4bit):
         wargs = kernel_args(w)
         Kw, swn, swk = w.K, w.K, 1
@@ -516,7 +637,7 @@ def lora_matmul(
     else:
         seed_t, lo, hi = out, seed & 0x7FFFFFFF, seed >> 31
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
-    plan.launch(
+    args = (
         a, a.stride(0), a.stride(1),
         *wargs, swn, swk, Kw,
         l_, l_.stride(0), l_.stride(1),
@@ -527,7 +648,134 @@ def lora_matmul(
         M, J, 0 if skip_main else I, rank,
         float(out_scale), float(lora_scale), seed_t, lo, hi, float(dropout_p), keep_scale,
     )
+    if defer:
+        return Pending(key, plan, args)
+    plan.launch(*args)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# merged launches: independent products (and W's dequantization) of one layer call in one launch
+# ----------------------------------------------------------------------------------------------
+
+# a product's runtime arguments: its own (_N_OWN of them) and then the call's dropout (seed, p)
+_N_OWN = 30
+_COUNT_ARG = 23   # count_ptr's index among them
+
+
+class Pending:
+    """A product resolved by ``lora_matmul(..., defer=True)``: its plan and runtime arguments."""
+
+    __slots__ = ("key", "plan", "args")
+
+    def __init__(self, key, plan, args):
+        self.key, self.plan, self.args = key, plan, args
+
+
+class _MultiPlan:
+    __slots__ = ("launch", "counters", "deq_programs")
+
+
+_MULTI_PLANS: dict = {}
+
+
+def _suffixed(consts: dict) -> dict:
+    return {k + "_1": v for k, v in consts.items() if k not in _LAUNCH_OPTIONS}
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion", "maxnreg")
+# A merged kernel's register budget per thread, stated to ptxas (.maxnreg): the most a thread may hold.
+# Left to itself, ptxas held some merged kernels of 8 warps at 64 registers (4 programs per SM) and kept
+# a value on the stack across the main loop (sm_80, sm_86, sm_89, sm_100); given a budget it allocates
+# what the kernel needs. A tighter one (128, 2 programs of 8 warps per SM) spilled the per-element
+# decode of odd shapes.
+MERGED_MAXNREG = 255
+
+
+def _dequant_config(q: Packed4bit, device) -> configs.TileConfig:
+    return configs.select("dequant", q.N, q.K, 1, _launch.launch_target(device))
+
+
+def _build_multi(first: Pending, second: Optional[Pending], q: Optional[Packed4bit], device) -> _MultiPlan:
+    p0 = first.plan
+    consts = {k: v for k, v in p0.consts.items()}
+    if second is not None:
+        consts.update(_suffixed(second.plan.consts))
+    else:
+        consts.update(_suffixed(p0.consts))   # never compiled (SEG1 off); the signature needs them
+    consts.update(SEG1=second is not None, DEQ=q is not None, maxnreg=MERGED_MAXNREG)
+    plan = _MultiPlan()
+    plan.deq_programs = 0
+    if q is not None:
+        BLOCK = _dequant_config(q, device).block_j
+        plan.deq_programs = _cdiv(q.N * q.K, BLOCK)
+        consts.update(DQ_BLOCKSIZE=q.blocksize, DQ_BLOCKSIZE2=q.blocksize2, DQ_NESTED=q.nested, DQ_BLOCK=BLOCK,
+                      DQ_GROUP=min(BLOCK, q.blocksize))
+    else:
+        consts.update(DQ_BLOCKSIZE=64, DQ_BLOCKSIZE2=256, DQ_NESTED=False, DQ_BLOCK=16, DQ_GROUP=16)
+    programs = p0.tiles * p0.splits + (second.plan.tiles * second.plan.splits if second is not None else 0)
+    plan.counters = p0.tiles + (second.plan.tiles if second is not None else 0)
+    plan.launch = _launch.Prepared(_lora_multi_kernel, (programs + plan.deq_programs,), consts,
+                                   device.index if device.type == "cuda" else None)
+    return plan
+
+
+def launch_together(first: Optional[Pending], second: Optional[Pending] = None, dequant=None) -> None:
+    """Launch ``first`` and ``second`` (products resolved with ``defer=True``, independent of each
+    other) and ``dequant`` = (Packed4bit W, out [N, K]: W dequantized into it) as one launch; each
+    program computes what it would in a launch of its own. ``first`` decides the launch's warps and
+    pipeline stages (put the product with the main loop that matters most first). Empty products
+    (None) are left out; with nothing left to merge the piece is launched on its own."""
+    if first is None:
+        first, second = second, None
+    q, dq_out = dequant if dequant is not None else (None, None)
+    if first is None:
+        if q is not None:
+            dequantize_4bit(q, dq_out.dtype, out=dq_out)
+        return
+    if second is None and q is None:
+        first.plan.launch(*first.args)
+        return
+    device = first.args[0].device
+    key = (first.key, None if second is None else second.key,
+           None if q is None else (q.spec, _sig(dq_out)))
+    plan = _MULTI_PLANS.get(key)
+    if plan is None:
+        if q is not None:
+            if dq_out.shape != (q.N, q.K) or not dq_out.is_contiguous() or dq_out.device != q.device:
+                raise ValueError(f"dequant out must be a contiguous [{q.N}, {q.K}] tensor on {q.device}")
+            check_device(q, first.args[0])
+        plan = _MULTI_PLANS[key] = _build_multi(first, second, q, device)
+    a0 = first.args
+    a1 = second.args if second is not None else a0
+    own0, own1 = list(a0[:_N_OWN]), list(a1[:_N_OWN])
+    if first.plan.splits > 1 or (second is not None and second.plan.splits > 1):
+        counts = _counters(device, plan.counters)
+        own0[_COUNT_ARG] = own1[_COUNT_ARG] = counts
+    shared = a1[_N_OWN:] if second is not None and second.plan.consts["DROPOUT"] != DROP_NONE else a0[_N_OWN:]
+    if q is not None:
+        numel = q.N * q.K
+        deq = (*kernel_args(q), dq_out, numel, (numel + 1) // 2)
+    else:
+        deq = (a0[0],) * 7 + (0, 0)
+    p1 = second.plan if second is not None else None
+    plan.launch(*own0, *own1, *shared, *deq, first.plan.tiles, first.plan.splits,
+                p1.tiles if p1 is not None else 0, p1.splits if p1 is not None else 0)
+    if _launch.recording_active():
+        # what each segment would be as a launch of its own, for fastlora inspect's model
+        parts = [_launch.Launch(_lora_matmul_kernel, (first.plan.tiles, first.plan.splits), a0,
+                                {k: v for k, v in first.plan.consts.items()})]
+        if second is not None:
+            parts.append(_launch.Launch(_lora_matmul_kernel, (p1.tiles, p1.splits), a1,
+                                        {k: v for k, v in p1.consts.items()}))
+        if q is not None:
+            dq = _dequant_config(q, device)
+            parts.append(_launch.Launch(_dequant_4bit_kernel, (plan.deq_programs,), deq,
+                                        dict(BLOCKSIZE=q.blocksize, BLOCKSIZE2=q.blocksize2, NESTED=q.nested,
+                                             BLOCK=dq.block_j, GROUP=min(dq.block_j, q.blocksize),
+                                             num_warps=dq.num_warps, num_stages=dq.num_stages,
+                                             enable_fp_fusion=False)))
+        _launch.last_recorded().parts = parts
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])

@@ -195,13 +195,25 @@ def _dequant_4bit_kernel(
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     BLOCK: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """out[f] = code[nibble_f] · absmax[f // BLOCKSIZE] for the BLOCK flat positions of one program.
+    dequant_block(tl.program_id(0), w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                  out_ptr, numel, nbytes, BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK, GROUP)
+
+
+@triton.jit
+def dequant_block(
+    pid, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    out_ptr, numel, nbytes,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr,
+):
+    """out[f] = code[nibble_f] · absmax[f // BLOCKSIZE] for the BLOCK flat positions of block ``pid``
+    (the dequant kernel's program, or a program of a merged launch's dequant segment).
 
     Flat positions are all the dequant needs (a block straddling rows is no special case here): the
     program reads BLOCK // 2 bytes as one run, splits the nibbles in registers, and scales groups of
     GROUP = min(BLOCK, BLOCKSIZE) consecutive elements by one absmax each.
     """
-    pid = tl.program_id(0).to(tl.int64)
+    pid = pid.to(tl.int64)
     pairs = pair_table(code_ptr)                                         # [256] int64
     offs_b = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)               # [BLOCK // 2] bytes
     # nbytes = ceil(numel / 2) as an argument: when it is a multiple of 16 (Triton specializes that),

@@ -49,7 +49,8 @@ def test_gemm_4bit_counts_by_bitsandbytes_rule():
 def host_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("host")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "host", "--smoke", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "host", "--smoke", "--strategy", "auto,dequant",
+                           "--out", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"host benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out, proc.stdout
@@ -70,7 +71,7 @@ def test_host_smoke_records(host_smoke):
             assert r["performance_claim"] is False, where
         if c["measured_on"] != "meta":
             continue
-        seen[(c["provider"], c["M"], c["mode"])] = m
+        seen[(c["provider"], c["M"], c["mode"], c["strategy"])] = m
         assert 0 < m["host_us_min"] <= m["host_us_median"], f"{where}: times {m['host_us_min']}, {m['host_us_median']}"
         assert m["launches"] > 0 and m["launches"] == m["triton_launches"] + m["op_launches"], f"{where}: {m}"
         assert m["op_launches"] == sum(m["counted_ops"].values()), f"{where}: {m['counted_ops']}"
@@ -86,14 +87,20 @@ def test_host_smoke_records(host_smoke):
                 f"{where}: counted {m['triton_launches']} Triton launches, each timed call made " \
                 f"{m['stub_launches_per_call']}"
             assert m["fused_calls_in_loop"] == c["reps"] + c["warmup"] and not m["fallback_calls"], f"{where}: {m}"
+            # the goal, with either strategy: at most 6 launches per training step, 3 per forward call
+            assert m["launches"] <= (6 if c["mode"] == "train_step" else 3), f"{where} {c['strategy']}: {m}"
         else:
             assert m["triton_launches"] == 0 and not m["layer_patched"], f"{where}: {m}"
             assert any(op.startswith("bitsandbytes::") for op in m["counted_ops"]), f"{where}: {m['counted_ops']}"
     for M in bench_host.DEFAULT_M:
         for mode in bench_host.MODES:
             for provider in bench_host.PROVIDERS:
-                assert (provider, M, mode) in seen, f"no {provider} record for M={M} {mode}"
-    assert "| on | adapters | M | mode |" in stdout and "torch" in stdout, stdout
+                for strategy in ("auto", "dequant"):
+                    assert (provider, M, mode, strategy) in seen, f"no {provider} record for M={M} {mode} {strategy}"
+    # the dequant strategy ran cuBLAS for the frozen product (where auto runs the fused kernel at these M)
+    assert seen[("fastlora", 16, "forward", "dequant")]["op_launches"] == 1
+    assert seen[("fastlora", 16, "forward", "auto")]["op_launches"] == 0
+    assert "| on | adapters | strategy | M | mode |" in stdout and "torch" in stdout, stdout
 
 
 def test_host_report(host_smoke, tmp_path):

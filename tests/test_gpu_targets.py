@@ -77,8 +77,12 @@ def _compiled_matrix(triton_path):
     if triton_path not in _MATRICES:
         odd = ins.calls_for(ODD_SHAPES, (1, 16, 300), dtype="bf16")
         dense = ins.calls_for({"q_proj/o_proj": (4096, 4096)}, ins.DEFAULT_M, dtype="bf16", quant="dense")
-        reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS, triton_path=triton_path)
-        reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",), triton_path=triton_path)
+        # a merged launch's segments are compiled alone only for the model, which the installed Triton's
+        # matrix feeds (the strategy thresholds); another Triton's is checked for resources only
+        parts = triton_path is None
+        reports = ins.run(_matrix_calls(("bf16", "fp16")) + odd + dense, GPU_TARGETS, triton_path=triton_path,
+                          parts=parts)
+        reports += ins.run(_matrix_calls(("fp16",)), ("sm_75",), triton_path=triton_path, parts=parts)
         out = {}
         for r in reports:
             out.setdefault(r.target, []).append(r)
@@ -163,25 +167,35 @@ def test_tile_products_use_tensor_cores(matrix, target):
     # and what this checks is that those Tritons really do it, so the rule is not stale
     fp32_exact = fp32_products_exact(get_target(target), matrix["triton"])
     for r in matrix[target]:
-        for L in r.launches:
-            if L.label in ("Y", "dX"):
-                assert L.config["BLOCK_J"] >= 16 and L.config["BLOCK_I"] >= 16
-                if L.facts.mma_in_loop == 0:
-                    bad.append(f"{_where(r, L)}: no tensor-core instruction in the main loop ({L.facts.loop_found})")
-            elif L.label in ("H", "G", "dA", "dB"):
-                # (the whole kernel: at M = 1, dA's and dB's reduction over M is one step, no loop)
-                n_adapter[r.call.adapters] += 1
-                if r.call.adapters == "autocast" and L.facts.mma == 0:
-                    bad.append(f"{_where(r, L)}: 16-bit adapter product without tensor cores")
-                if r.call.adapters == "fp32" and fp32_exact and L.facts.mma != 0:
-                    bad.append(f"{_where(r, L)}: fp32 adapter product on tensor cores (not IEEE fp32)")
-                if r.call.adapters == "fp32" and not fp32_exact and L.label == "H" and r.call.M >= 64:
-                    n_adapter["fp32_on_tensor_cores"] = n_adapter.get("fp32_on_tensor_cores", 0) + (L.facts.mma > 0)
+        for M_ in r.launches:
+            # a merged launch: the kernel that runs holds tensor-core instructions where a segment
+            # multiplies 16-bit tiles, and each segment compiled alone shows which
+            if M_.parts and r.call.adapters == "autocast" and M_.facts.mma == 0:
+                bad.append(f"{_where(r, M_)}: merged launch without tensor cores")
+            for L in M_.parts or [M_]:
+                _check_tensor_cores(r, L, fp32_exact, n_adapter, bad)
     assert n_adapter["autocast"] and n_adapter["fp32"], n_adapter
     if not fp32_exact:
         assert n_adapter.get("fp32_on_tensor_cores"), ("the fp32_products rule says this Triton puts fp32 "
                                                        "adapter products on tensor cores here; it does not")
     assert not bad, "\n".join(sorted(set(bad))[:20])
+
+
+def _check_tensor_cores(r, L, fp32_exact, n_adapter, bad):
+    """One product (a launch, or a segment of a merged one) of test_tile_products_use_tensor_cores."""
+    if L.label in ("Y", "dX"):
+        assert L.config["BLOCK_J"] >= 16 and L.config["BLOCK_I"] >= 16
+        if L.facts.mma_in_loop == 0:
+            bad.append(f"{_where(r, L)}: no tensor-core instruction in the main loop ({L.facts.loop_found})")
+    elif L.label in ("H", "G", "dA", "dB"):
+        # (the whole kernel: at M = 1, dA's and dB's reduction over M is one step, no loop)
+        n_adapter[r.call.adapters] += 1
+        if r.call.adapters == "autocast" and L.facts.mma == 0:
+            bad.append(f"{_where(r, L)}: 16-bit adapter product without tensor cores")
+        if r.call.adapters == "fp32" and fp32_exact and L.facts.mma != 0:
+            bad.append(f"{_where(r, L)}: fp32 adapter product on tensor cores (not IEEE fp32)")
+        if r.call.adapters == "fp32" and not fp32_exact and L.label == "H" and r.call.M >= 64:
+            n_adapter["fp32_on_tensor_cores"] = n_adapter.get("fp32_on_tensor_cores", 0) + (L.facts.mma > 0)
 
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
@@ -198,7 +212,8 @@ def test_4bit_decode_has_no_fp_contraction(matrix, target):
         if not c.is_4bit or not c.nested or c.adapters != "autocast":
             continue
         for L in r.launches:
-            if L.label in ("Y", "dX", "dequant W"):
+            # a merged launch that dequantizes W: its own PTX (the kernel that runs)
+            if any(U.label in ("Y", "dX", "dequant W") for U in L.parts or [L]):
                 n += 1
                 if L.facts.ptx_fma:
                     bad.append(f"{_where(r, L)}: {L.facts.ptx_fma} fp32 FMA in the PTX")
@@ -460,7 +475,8 @@ def test_dequant_model_by_hand():
     N·K/2 (packed) + N·K/64 (uint8 absmax) + 4·N·K/64/256 (fp32 second level) + 2·N·K (out)."""
     c = ins.Call(4096, 4096, 4096, strategy="dequant", mode="infer")
     launches = ins.record_call(c, "sm_90")
-    deq = [L for L in launches if L.label == "dequant W"]
+    # W's dequantization runs in the launch of H (a segment of a merged launch)
+    deq = [P for L in launches for P in L.parts if P.label == "dequant W"]
     assert len(deq) == 1
     flops, byts, decoded, _, _ = ins._launch_work(deq[0], c)
     nk = 4096 * 4096
@@ -511,7 +527,7 @@ def test_inspect_command_text_and_json(tmp_path):
     # inference at M = 16 on a 4090: H split over K (one 16x16 tile alone would leave 127 SMs idle),
     # then Y split over K likewise; each tile's last program adds the splits up, in the same launch
     assert labels["fused"] == ["H", "Y"], labels
-    assert labels["dequant"] == ["H", "dequant W", "Y epilogue"], labels
+    assert labels["dequant"] == ["H + dequant W", "Y epilogue"], labels
     fused = next(r for r in data["reports"] if r["call"]["strategy"] == "fused")
     assert all(L["grid"][1] > 1 for L in fused["launches"]), [L["grid"] for L in fused["launches"]]
     for L in rep["launches"]:
