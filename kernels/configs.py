@@ -35,7 +35,7 @@ memory within the target's limit, zero spill bytes, tensor-core instructions whe
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from .targets import TARGETS, Target
@@ -122,9 +122,12 @@ TABLES: Dict[str, Dict[str, List[Tuple[int, TileConfig]]]] = {
 # the MMA work per decoded weight, at 218-234 registers and no spills
 TABLES["sm_12x"] = {**TABLES["sm_8x"],
                     "frozen4": [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 128, 32, 8, 3, 32))]}
-# the fp32-LoRA-epilogue tile for M > 16 there: 128 x 64 x 32 with 3 stages, at 208-210 registers
-# under Triton 3.6 and 3.9 (128 x 64 x 64 reached 255 and spilled 8-16 B under both)
-TABLES["sm_12x"]["frozen4_lora32"] = [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 32, 8, 3, 32))]
+# the fp32-LoRA-epilogue tile for M > 16 there: 128 x 64 x 16 with 3 stages, at 80-210 registers and
+# no stack under Triton 3.6 and 3.9. 128 x 64 x 64 reached 255 registers and spilled 8-16 B under both;
+# with 128 x 64 x 32 ptxas held some kernels at 128 registers with 8 B on the stack (fp16's X·Wᵀ under
+# 3.6 with 3 or 4 stages, q_proj's dY·W under 3.9 with 2), and stating a register budget (.maxnreg
+# 216-255) made others spill 8-32 B
+TABLES["sm_12x"]["frozen4_lora32"] = [(16, _C(16, 128, 128, 8, 1, 32)), (_INF, _C(128, 64, 16, 8, 3, 32))]
 # datacenter Blackwell (sm_100: B200): Hopper's rows but these. The 16-bit adapter products' M > 64
 # tile with 3 stages: 24 B of stack in G (dY·B) at 48 registers; with 2 stages none
 # The per-element decode's M <= 16 tile with 1 stage: 8 B of stack in dY·W (M = 1); with 2 none under
@@ -134,13 +137,13 @@ TABLES["sm_100"] = {**TABLES["sm_90"], "lora16": [(64, _C(64, 64, 64, 4, 3, 32))
 # fp32 adapter products (IEEE, on FMA): with 2 stages H = D(X)·Aᵀ kept one value on the stack across
 # the main loop (8 B, at 72 registers) for down_proj's K = 14336 on sm_100 and sm_12x; with 1 stage
 # none on sm_12x, but G = dY·B did on sm_100 (8 B at 48 registers); with 3 stages none there
-TABLES["sm_100"]["lora"] = [(_INF, _C(64, 32, 32, 4, 3, 32))]
-TABLES["sm_12x"]["lora"] = [(_INF, _C(64, 32, 32, 4, 1, 32))]
+TABLES["sm_100"]["lora"] = [(_INF, _C(128, 64, 16, 8, 3, 32))]
+TABLES["sm_12x"]["lora"] = [(_INF, _C(128, 64, 16, 8, 3, 32))]
 # 16-bit adapter products up to M = 64 (and dA / dB, narrowed to the rank) there: 64 x 64 x 64 kept 8 B
 # on the stack in dA (at 48-96 registers) under Triton 3.6 with 3 stages and under 3.9 with 2;
 # 64 x 64 x 32 with 3 stages kept 8 B in split-K dB (64 x 16 x 32 at 80 registers, the odd shapes'
 # N <= 64 at M = 300) under 3.6; with 4 stages none under either (at most 87 registers, 22 KB)
-TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64, 64, 8, 3, 32))]
+TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64, 16, 8, 3, 32))]
 
 # The token count M from which the "dequant" strategy (dequantize W, cuBLAS) replaces the fused 4-bit
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
@@ -300,4 +303,4 @@ def _narrow(kind: str, c: TileConfig, M: int, J: int, I: int) -> TileConfig:
     bm = _pow2_clamp(M, 16, c.block_m)
     bj = _pow2_clamp(J, 16, c.block_j)
     bi = c.block_i if kind.startswith("frozen4") else _pow2_clamp(I, 16, c.block_i)
-    return _C(bm, bj, bi, c.num_warps, c.num_stages, c.split)
+    return replace(c, block_m=bm, block_j=bj, block_i=bi)
