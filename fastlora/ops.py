@@ -170,8 +170,8 @@ def _frozen_product(a, w, out_dtype, *, trans_w, compute_dtype, strategy, bias=N
     epi = lora_matmul(a, w, out, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=True, skip_main=True,
                       round_term=term_first, defer=True, **epilogue)
     if beside is not None:
-        # the epilogue pass first: it decides the launch's warps and stages (8 warps, 1 stage): with
-        # beside's (dA: 4 warps, 3 stages) ptxas kept 8 B on the stack on sm_100
+        # the epilogue pass first: its warps and stages (8 warps, 1 stage) are the launch's; with
+        # dA's (4 warps, 3 stages) ptxas kept 8 B on the stack on sm_100
         launch_together(epi, beside)
     else:
         launch_together(epi)
