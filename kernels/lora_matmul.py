@@ -794,8 +794,9 @@ def _keep_mask_kernel(out_ptr, M, K, seed_ptr, seed_lo, seed_hi, p, SEED_PTR: tl
 
 
 def seed_tensor(seed: int, device) -> torch.Tensor:
-    """A dropout seed as a device tensor: int64 [1] on ``device``."""
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    """A dropout seed as a device tensor: int64 [1] on ``device``, written by a fill kernel (no copy
+    from the host: a CUDA graph can capture it, and each replay writes the same seed)."""
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
