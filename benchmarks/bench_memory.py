@@ -47,7 +47,7 @@ inside their kernels are charged their internal temporary at the moment they run
 ``F.linear``; counted for M > 1536 tokens, where it always does so: below that a per-architecture
 rule may pick its custom kernel instead, so PEFT's figure is a lower bound there) and fastlora's
 forward and backward (always the [N, K] weight of its "dequant" strategy, plus G [M, r] in backward:
-an upper bound, its "fused" strategy, chosen below ``DEQUANT_MIN_TOKENS``, e.g. 32768 tokens on sm_90,
+an upper bound, its "fused" strategy, chosen below ``DEQUANT_MIN_TOKENS``, e.g. 512 tokens on sm_90 and 32768 on sm_8x,
 has no such temporary). Not counted: the CUDA
 context, cuBLAS / FlashAttention workspaces, allocator fragmentation and cache (what
 ``max_memory_reserved`` adds to ``max_memory_allocated``), FA2's expanded dK/dV for GQA in backward.

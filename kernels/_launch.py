@@ -96,20 +96,22 @@ def recording(target):
 
 
 # a target whose tiles the interpreter runs (tests): None -> the interpreter's own small tiles
-_INTERPRETER_TILES: Optional[Target] = None
+_NAMED_TARGET: Optional[Target] = None
 
 
 @contextlib.contextmanager
 def tiles_for(target):
-    """Under the interpreter, launch with ``target``'s configuration (so CPU tests run the masks and
-    loop trips of the tiles that GPU runs)."""
-    global _INTERPRETER_TILES
-    prev = _INTERPRETER_TILES
-    _INTERPRETER_TILES = get_target(target) if target is not None else None
+    """Launch as on ``target``: its tiles, strategy rule and refusals (bf16 below sm_80, ...). Under
+    the interpreter CPU tests so run the masks and loop trips of the tiles that GPU runs; on a GPU the
+    same tests see what a device of that target would get (the kernels still compile for the device
+    at hand). A test hook: nothing in the package calls it."""
+    global _NAMED_TARGET
+    prev = _NAMED_TARGET
+    _NAMED_TARGET = get_target(target) if target is not None else None
     try:
         yield
     finally:
-        _INTERPRETER_TILES = prev
+        _NAMED_TARGET = prev
 
 
 def launch_target(device) -> Optional[Target]:
@@ -121,8 +123,8 @@ def launch_target(device) -> Optional[Target]:
         return rec.target
     if _STUB is not None:
         return _STUB.target
-    if _interpreter.interpreter_active():
-        return _INTERPRETER_TILES
+    if _NAMED_TARGET is not None or _interpreter.interpreter_active():
+        return _NAMED_TARGET
     dev = torch.device(device)
     if dev.type == "cuda":
         return _device_target_cached(dev.index if dev.index is not None else torch.cuda.current_device())

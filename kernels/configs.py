@@ -161,7 +161,17 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 #   sm_75: no tensor cores for Triton's tl.dot: always cuBLAS
 # `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
-DEQUANT_MIN_TOKENS = {"sm_90": 32768, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
+#   sm_90, measured (NVIDIA H200, Triton 3.6, torch 2.11; `fastlora tune`, CUDA events, median, L2
+#     flushed; benchmarks/results/gpu-h200-20261204/): the model was wrong here. The fused GEMM runs at
+#     about 120-145 TFLOP/s from M = 512 on, cuBLAS on the dequantized W at 500-600, so dequant is
+#     ahead at M >= 512 for gate/up/down (1.9-2.4x in X·Wᵀ at 512) and by 1.35-4.7x for every
+#     projection from 2048 on (k/v's 1024x4096 excepted up to 2048); the fused kernel is ahead at every
+#     Llama-3-8B projection and phase at M = 16, 64, 128 and 256 (its one launch against a dequant
+#     kernel and cuBLAS, where the host decides). Summed over the step: fused / dequant = 0.72 at 16,
+#     1.07 at 512, 2.44 at 2048, 3.78 at 8192. So dequant from 512.
+# the families whose threshold comes from a GPU measurement (the model no longer decides there)
+MEASURED_THRESHOLDS = {"sm_90": "benchmarks/results/nvidia-h200/ (NVIDIA H200, 2026-12-04)"}
+DEQUANT_MIN_TOKENS = {"sm_90": 512, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there

@@ -192,7 +192,9 @@ def test_speed_rows_and_table(monkeypatch):
             assert r[f"vs_peft_{m}"] == round(expected["peft"][m] / expected[r["provider"]][m], 3)
     assert rows[0]["vs_peft_forward"] == 1.0 and rows[-1]["vs_peft_forward"] == round(1 / 10, 3)
     bf16 = torch.bfloat16
-    assert asked == [(phase, bf16, True, bf16, bf16, 4) for phase in ("forward", "backward")]
+    want = [(phase, bf16, True, bf16, bf16, 4) for phase in ("forward", "backward")]
+    # the auto row asks last; on a GPU the op's own "auto" calls ask before it, and the same way
+    assert asked[-2:] == want and set(asked) == set(want), asked
     assert set(rows[-1]["auto_strategy"]) == {"forward", "backward"}
     assert set(rows[-1]["auto_strategy"].values()) <= {"fused", "dequant"}
     rep = {"device": {"name": "gpu", "type": "cuda"}, "versions": {"torch": "t", "triton": "t", "fastlora": "f"},

@@ -15,6 +15,8 @@ import torch
 
 from fastlora.kernels import _launch
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 class _FakeCuda:
     """A current-device register standing in for the CUDA runtime's: ``torch.cuda.current_device``,
@@ -127,10 +129,11 @@ def test_launchers_name_their_tensors_device(monkeypatch):
 
     monkeypatch.setattr(_launch, "launch", spy)
     torch.manual_seed(0)
-    packed, qs = bnbF.quantize_4bit(torch.randn(32, 64), blocksize=64, quant_type="nf4")
+    dev = torch.empty(0, device=DEVICE).device          # cuda:<current> on a GPU, else cpu
+    packed, qs = bnbF.quantize_4bit(torch.randn(32, 64, device=dev), blocksize=64, quant_type="nf4")
     fastlora.dequantize(packed, qs, dtype=torch.float32)
-    lora_matmul.dropout_keep_mask(4, 64, 0.1, 123, torch.device("cpu"))
-    assert [d for _, d in seen] == [torch.device("cpu")] * 2, seen
+    lora_matmul.dropout_keep_mask(4, 64, 0.1, 123, dev)
+    assert [d for _, d in seen] == [dev] * 2, seen
 
     prepared = []
     real_prepared = _launch.Prepared
@@ -141,6 +144,7 @@ def test_launchers_name_their_tensors_device(monkeypatch):
 
     monkeypatch.setattr(_launch, "Prepared", spy_prepared)
     lora_matmul._PLANS.clear()
-    x = torch.randn(3, 64)
-    lora_matmul.lora_matmul(x, torch.randn(16, 64), torch.empty(3, 16), trans_w=False, compute_dtype=torch.float32)
-    assert prepared == [None]      # CPU tensors: no CUDA index (the CUDA case takes the tensors' index)
+    x = torch.randn(3, 64, device=dev)
+    lora_matmul.lora_matmul(x, torch.randn(16, 64, device=dev), torch.empty(3, 16, device=dev), trans_w=False,
+                            compute_dtype=torch.float32)
+    assert prepared == [dev.index]      # CPU tensors: no CUDA index; CUDA tensors: theirs

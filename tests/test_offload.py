@@ -123,9 +123,10 @@ def test_survives_later_gradient_checkpointing_enable():
     model = build()
     fastlora.patch(model, offload_checkpoints=True)
     # through the PeftModel (attribute lookups reach the transformers model), both entry points
-    for enable, kwargs in ((model.gradient_checkpointing_enable,
-                            {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
-                           (model.activation_checkpointing_enable, {})):
+    entry_points = [(model.gradient_checkpointing_enable, {"gradient_checkpointing_kwargs": {"use_reentrant": True}})]
+    if hasattr(model.get_base_model(), "activation_checkpointing_enable"):     # transformers >= 5.18 or so
+        entry_points.append((model.activation_checkpointing_enable, {}))
+    for enable, kwargs in entry_points:
         enable(**kwargs)
         for layer in layers(model):
             fn = layer._gradient_checkpointing_func
