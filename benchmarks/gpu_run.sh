@@ -7,24 +7,31 @@
 #   tests     the GPU-only tests: tests/test_gpu.py, and the GPU tests of test_host_path.py,
 #             test_tuning.py and test_gpu_targets.py (pytest -rA, junit XML)
 #   check     python -m fastlora check: numerics against PEFT + bitsandbytes and fp64, speed vs PEFT
-#   bench     python -m benchmarks layer at the Llama-3-8B projections, every provider
+#   tune      python -m fastlora tune --verify: first-use tuning of the Llama-3-8B projections from an
+#             empty cache (its cost), each pick measured again against its candidates (within 5%?)
+#   host      python -m benchmarks host: host µs per layer call, stubbed and on the real GPU
+#   bench     python -m benchmarks layer at the Llama-3-8B projections, every provider (what is left)
 #
 # Usage (from anywhere; it works in the repository root):
 #   bash benchmarks/gpu_run.sh                 # on a GPU machine
 #   bash benchmarks/gpu_run.sh --dry           # on any machine: each step in a form that needs no GPU
-#   bash benchmarks/gpu_run.sh --out DIR --budget 480
+#   bash benchmarks/gpu_run.sh --out DIR --budget 540
+#   bash benchmarks/gpu_run.sh --tar FILE      # also pack the output folder into FILE (.tgz) at the end
 #
-# Output folder: --out DIR, else $OUT, else benchmarks/results/gpu-<date>-<short commit>/ (a dry run:
-# $TMPDIR/fastlora-gpu-dry-<date>-<short commit>/). It gets eight files at most: summary.md,
-# setup.log, tests.log, tests.xml, check.log, check.jsonl, bench.log, layer.jsonl. summary.md is
-# rewritten after every step, so a run cut short still says how far it got.
+# Output folder: --out DIR, else benchmarks/results/gpu-<date>-<short commit>/ (a dry run:
+# $TMPDIR/fastlora-gpu-dry-<date>-<short commit>/). Files: summary.md, setup.log, tests.log,
+# tests.xml, check.log, check.jsonl, tune.log, host.log, host.jsonl, bench.log, layer.jsonl. summary.md
+# is rewritten after every step, so a run cut short still says how far it got. Where $OUT is set and
+# no --out is given (the GPU machine's folder, which returns eight files at most), the folder is a
+# temporary one, packed at the end into $OUT/gpu-run.tgz, with summary.md beside it; --tar FILE packs
+# it into FILE in any case.
 #
-# Time: the steps share --budget seconds (default $GPU_RUN_BUDGET, else 480); each runs under
+# Time: the steps share --budget seconds (default $GPU_RUN_BUDGET, else 540); each runs under
 # `timeout` with the smaller of its own cap and what is left, a step that runs out is recorded as
 # "timeout" and the next one starts; a step is not started with less than MIN_STEP_S left.
 #
 # Environment: PYTHON (default python3), GPU_RUN_WHEELS (default .whl), GPU_RUN_SITE (default .site),
-# BENCH_M (default 16,512,2048,8192), BENCH_AUTOCAST (default bf16,off), FASTLORA_COMMIT (the
+# BENCH_M (default 16,512,2048,8192), BENCH_AUTOCAST (default bf16,off), TUNE_M (default 16,2048), FASTLORA_COMMIT (the
 # commit to record where the checkout has no .git; default: git rev-parse HEAD).
 #
 # Exit status: 0 when every step passed (or was skipped because nothing needed doing), else 1;
@@ -41,12 +48,15 @@ cd "$root" || exit 2
 
 dry=0
 out_arg=""
-budget="${GPU_RUN_BUDGET:-480}"
+tar_arg=""
+budget="${GPU_RUN_BUDGET:-540}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry) dry=1 ;;
         --out) [ $# -ge 2 ] || { echo "gpu_run: --out needs a folder" >&2; exit 2; }; out_arg="$2"; shift ;;
         --out=*) out_arg="${1#--out=}" ;;
+        --tar) [ $# -ge 2 ] || { echo "gpu_run: --tar needs a file" >&2; exit 2; }; tar_arg="$2"; shift ;;
+        --tar=*) tar_arg="${1#--tar=}" ;;
         --budget) [ $# -ge 2 ] || { echo "gpu_run: --budget needs seconds" >&2; exit 2; }; budget="$2"; shift ;;
         --budget=*) budget="${1#--budget=}" ;;
         -h|--help) usage; exit 0 ;;
@@ -62,12 +72,15 @@ PY="${PYTHON:-python3}"
 wheels="${GPU_RUN_WHEELS:-$root/.whl}"
 site="${GPU_RUN_SITE:-$root/.site}"
 bench_m="${BENCH_M:-16,512,2048,8192}"
+tune_m="${TUNE_M:-16,2048}"
 bench_autocast="${BENCH_AUTOCAST:-bf16,off}"
 
 # per-step caps (seconds); later steps get what is left of the budget
 CAP_SETUP=120
 CAP_TESTS=200
 CAP_CHECK=120
+CAP_TUNE=110
+CAP_HOST=80
 MIN_STEP_S=20
 KILL_AFTER_S=15      # a step that ignores SIGTERM is killed this long after its limit
 
@@ -98,7 +111,8 @@ stamp="$(date -u +%Y%m%d-%H%M%S)"
 if [ -n "$out_arg" ]; then
     out="$out_arg"
 elif [ -n "${OUT:-}" ]; then
-    out="$OUT"
+    out="$(mktemp -d "${TMPDIR:-/tmp}/fastlora-gpu-run.XXXXXX")/gpu-$stamp-$short"
+    [ -n "$tar_arg" ] || tar_arg="$OUT/gpu-run.tgz"
 elif [ "$dry" = 1 ]; then
     out="${TMPDIR:-/tmp}/fastlora-gpu-dry-$stamp-$short"
 else
@@ -120,7 +134,15 @@ names=() statuses=() secs=() logs=() notes=()
 
 export PYTHONUNBUFFERED=1
 cache_dir="$(mktemp -d "${TMPDIR:-/tmp}/fastlora-gpu-cache.XXXXXX")"   # fastlora's tuning cache, this run's
-trap 'rm -rf "$cache_dir"' EXIT
+tune_cache="$(mktemp -d "${TMPDIR:-/tmp}/fastlora-gpu-tune.XXXXXX")"   # empty: the tune step's first-use cost
+finish() {
+    rm -rf "$cache_dir" "$tune_cache"
+    if [ -n "$tar_arg" ]; then
+        mkdir -p "$(dirname "$tar_arg")" && tar czf "$tar_arg" -C "$(dirname "$out")" "$(basename "$out")" \
+            && cp "$out/summary.md" "$(dirname "$tar_arg")/" 2>/dev/null
+    fi
+}
+trap finish EXIT
 
 say() { printf '%s\n' "$*" | tee -a "$out/setup.log"; }
 
@@ -319,6 +341,34 @@ else
     FASTLORA_CACHE_DIR="$cache_dir" run_step check "$CAP_CHECK" check.log "$PY" -m fastlora check --out "$out"
     note="$(grep -E '^verdict:' "$out/check.log" | tail -n 1)"
     record check "$step_status" "$step_secs" "check.log, check.jsonl" "${note:-no verdict line}"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# tune: fastlora tune from an empty cache at the Llama-3-8B projections (what first use costs), then
+# every entry's candidates measured again: is the pick within 5% of the best?
+# ---------------------------------------------------------------------------------------------
+if [ "$dry" = 1 ]; then
+    run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --dry-run --model llama3-8b --m "$tune_m"
+    record tune "$step_status" "$step_secs" tune.log "--dry-run: the candidates for sm_90"
+else
+    FASTLORA_CACHE_DIR="$tune_cache" run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --model llama3-8b \
+        --m "$tune_m" --verify 0.5
+    note="$(grep -E 'entries in|^verify:' "$out/tune.log" | tr '\n' ' ')"
+    record tune "$step_status" "$step_secs" tune.log "${note:-no summary line}"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# host: host µs per layer call, fastlora and PEFT side by side (stubbed launches on meta tensors for
+# this GPU's target, then the real eager call on the GPU)
+# ---------------------------------------------------------------------------------------------
+if [ "$dry" = 1 ]; then
+    run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --help
+    record host "$step_status" "$step_secs" host.log "--help only"
+else
+    arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"sm_{p.major}{p.minor}")' 2>/dev/null)"
+    FASTLORA_CACHE_DIR="$cache_dir" run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --m 16 \
+        --strategy auto --reps 100 --target "${arch:-sm_90}" --out "$out"
+    record host "$step_status" "$step_secs" "host.log, host.jsonl" "target ${arch:-sm_90}"
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -975,12 +975,30 @@ def _parse_shapes(text: str) -> List[Tuple[str, int, int]]:
     return out
 
 
+def verify(problem: Problem, entry: dict, *, timer: Optional[Timer] = None, budget_s: float = 3.0) -> dict:
+    """Measure again, in this run, every candidate of ``entry`` that was measured (``budget_s`` of
+    timed calls shared among them): {"us": {name: µs}, "pick_vs_best": the pick's µs over the fastest
+    one's} (None where the pick is no longer a candidate). What the tuner's goal is judged by: a pick
+    within 5% of the best, measured again."""
+    target = _target(problem.device)
+    J, I = product_dims(problem.phase, problem.N, problem.K)
+    by_name = {c.name: c for c in candidates(problem.kind, problem.M, J, I, target)}
+    names = [n for n, us in entry["us"].items() if us is not None and n in by_name]
+    again = {c.name: t for c, t, _ in measure(problem, [by_name[n] for n in names], target, timer=timer,
+                                             budget_s=budget_s) if t is not None}
+    best = min(again.values()) if again else None
+    ratio = round(again[entry["pick"]] / best, 3) if best and entry["pick"] in again else None
+    return {"us": {n: round(t * 1e3, 3) for n, t in again.items()}, "pick_vs_best": ratio}
+
+
 def tune_shapes(shapes, Ms, device, *, r: int = 16, dropout_p: float = DEFAULT_DROPOUT_P, phases=PHASES,
                 peft: bool = True, force: bool = False, timer: Optional[Timer] = None,
-                budget_s: float = PER_SHAPE_S) -> List[dict]:
+                budget_s: float = PER_SHAPE_S, verify_s: float = 0.0) -> List[dict]:
     """Tune (or read from the cache) every (shape, M, phase) on ``device``: one row each, with the
     candidates' µs, the pick, and its speedup over dequant+cuBLAS and over PEFT's layer (the same
-    phase of PEFT's LoRA Linear4bit over bitsandbytes, adapters in bf16 under autocast)."""
+    phase of PEFT's LoRA Linear4bit over bitsandbytes, adapters in bf16 under autocast). With
+    ``verify_s`` > 0, each entry's candidates are then measured again (:func:`verify`, that many
+    seconds each) and the row carries ``verify_us`` and ``pick_vs_best``."""
     from .check import Layer
 
     device = torch.device(device)
@@ -1006,6 +1024,9 @@ def tune_shapes(shapes, Ms, device, *, r: int = 16, dropout_p: float = DEFAULT_D
                              "vs_dequant": round(dq / pick_us, 3) if dq and pick_us else None,
                              "vs_peft": round(peft_us[phase] / pick_us, 3) if peft_us.get(phase) and pick_us else None,
                              "seconds": e.get("seconds")})
+                if verify_s > 0:
+                    v = verify(problem, e, timer=timer, budget_s=verify_s)
+                    rows[-1].update(verify_us=v["us"], pick_vs_best=v["pick_vs_best"])
         del layer
         release_l2()
         torch.cuda.empty_cache()
@@ -1044,8 +1065,25 @@ def format_rows(rows: List[dict]) -> str:
                      f"{peft:>9s}  {cands}")
         xd = "-" if r["vs_dequant"] is None else f"{r['vs_dequant']:.2f}x"
         xp = "-" if r["vs_peft"] is None else f"{r['vs_peft']:.2f}x"
-        lines.append(f"{'':28s} {'':8s} {'':6s} {'':9s}  -> {r['pick']}, {xd}, {xp}")
+        again = ""
+        if "pick_vs_best" in r:
+            again = ("; measured again: " + "  ".join(f"{n}={us:.1f}" for n, us in r["verify_us"].items())
+                     + ("" if r["pick_vs_best"] is None else f" -> the pick at {r['pick_vs_best']:.2f}x the best"))
+        lines.append(f"{'':28s} {'':8s} {'':6s} {'':9s}  -> {r['pick']}, {xd}, {xp}{again}")
     return "\n".join(lines)
+
+
+def verify_summary(rows: List[dict], tolerance: float = 1.05) -> str:
+    """One line: at how many verified entries the pick was within ``tolerance`` of the best measured
+    again, and the worst."""
+    got = [r for r in rows if r.get("pick_vs_best") is not None]
+    if not got:
+        return "verify: no entry measured again"
+    worst = max(got, key=lambda r: r["pick_vs_best"])
+    ok = sum(r["pick_vs_best"] <= tolerance for r in got)
+    return (f"verify: the pick within {100 * (tolerance - 1):.0f}% of the best measured again at {ok} of {len(got)} "
+            f"entries; worst {worst['pick_vs_best']:.2f}x ({worst['proj']} {worst['N']}x{worst['K']} {worst['phase']} "
+            f"M<={worst['m_bucket']}: {worst['pick']})")
 
 
 def _dry_run(shapes, Ms, arch: str, phases) -> str:
@@ -1090,6 +1128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="re-tune entries already in the cache")
     ap.add_argument("--no-peft", action="store_true", help="do not time PEFT's layer")
     ap.add_argument("--budget", type=float, default=PER_SHAPE_S, help="seconds of measuring per entry")
+    ap.add_argument("--verify", type=float, default=0.0, metavar="SECONDS",
+                    help="then measure every entry's candidates again, SECONDS of timed calls each, and say "
+                         "whether the pick is within 5%% of the best (default 0: no)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--dry-run", action="store_true", help="list the candidates for --arch without a GPU")
     ap.add_argument("--arch", default="sm_90", help="the GPU target of --dry-run")
@@ -1115,12 +1156,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device())
     t0 = time.perf_counter()
     rows = tune_shapes(shapes, Ms, device, r=args.r, dropout_p=args.dropout, phases=phases, peft=not args.no_peft,
-                       force=args.force, budget_s=args.budget)
+                       force=args.force, budget_s=args.budget, verify_s=args.verify)
     if args.json:
         print(json.dumps(rows))
     else:
         print(format_rows(rows))
         print(f"{len(rows)} entries in {time.perf_counter() - t0:.1f} s; cache {cache_for(device).path}")
+        if args.verify > 0:
+            print(verify_summary(rows))
     return 0
 
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
-STEPS = ("layout", "install", "versions", "tests", "check", "bench")
+STEPS = ("layout", "install", "versions", "tests", "check", "tune", "host", "bench")
 
 
 def _env():
@@ -42,7 +42,8 @@ def test_usage_errors():
 
 def test_dry_run_writes_a_summary_with_every_step(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(["bash", str(SCRIPT), "--dry", "--out", str(out)], cwd=tmp_path, env=_env(),
+    packed = tmp_path / "back" / "gpu-run.tgz"
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry", "--out", str(out), "--tar", str(packed)], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}\n{summary}"
@@ -57,9 +58,14 @@ def test_dry_run_writes_a_summary_with_every_step(tmp_path):
         assert seconds.isdigit(), (step, seconds)
     assert "mode: dry" in summary and "- torch:" in summary and "- commit:" in summary
     assert "collect-only:" in rows["tests"][4] and "tests collected" in rows["tests"][4], rows["tests"]
-    # at most the eight files the GPU machine's output folder gives back
     files = sorted(p.name for p in out.iterdir())
     assert set(files) <= {"summary.md", "setup.log", "tests.log", "tests.xml", "check.log", "check.jsonl",
-                          "bench.log", "layer.jsonl"}, files
+                          "tune.log", "host.log", "host.jsonl", "bench.log", "layer.jsonl"}, files
+    assert "candidates in all" in (out / "tune.log").read_text()
+    # --tar: the folder packed, with summary.md beside it (what a GPU machine's $OUT gets: two files)
+    import tarfile
+    with tarfile.open(packed) as tf:
+        names = {Path(n).name for n in tf.getnames()}
+    assert set(files) <= names and (packed.parent / "summary.md").read_text() == summary
     records = [json.loads(line) for line in (out / "layer.jsonl").read_text().splitlines() if line.strip()]
     assert records and all(r["performance_claim"] is False for r in records)
