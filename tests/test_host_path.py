@@ -144,16 +144,9 @@ def test_cuda_graph_capture_replays_like_eager(monkeypatch):
     """The op is capturable (no host sync, no per-call host state, buffers from the caching
     allocator): a captured forward + backward with dropout replays to eager's numbers for the same
     seed, and a captured call without a seed draws a new mask at every replay."""
-    import bitsandbytes.functional as bnbF
+    from benchmarks.profile_host_gpu import problem
 
-    torch.manual_seed(0)
-    N, K, M, r = 1024, 512, 16, 8
-    wt = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
-    packed, qs = bnbF.quantize_4bit(wt, blocksize=64, compress_statistics=True, quant_type="nf4")
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    A = (torch.randn(r, K, device="cuda") * K ** -0.5).requires_grad_()
-    B = (torch.randn(N, r, device="cuda") * 0.1).requires_grad_()
-    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    _, packed, qs, x, A, B, dy = problem(N=1024, K=512, M=16, r=8)
 
     def step(seed):
         x.grad = A.grad = B.grad = None
