@@ -150,9 +150,10 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 # and keeps the faster). Set where fastlora inspect's model of a whole training step (forward +
 # backward, the four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16,
 # adapters under autocast) puts the crossover, at M = 1, 16, 24..64, 256, 1024, ..., 32768:
-#   sm_90, sm_8x (sm_86, sm_89) and sm_12x (sm_121): the fused kernel ahead at every M (it saves
-#     writing and re-reading the dequantized W), so dequant only from 32768; on sm_120 the two are
-#     within 2.5% of each other from M = 1024 on (a tie for a model)
+#   sm_8x (sm_86, sm_89) and sm_12x (sm_121): the fused kernel ahead at every M (it saves writing
+#     and re-reading the dequantized W), so dequant only from 32768; on sm_120 the two are within
+#     2.5% of each other from M = 1024 on (a tie for a model). The model says the same of sm_90,
+#     where the measurement below overrules it
 #   sm_80: crosses at M = 1024
 #   sm_100 (B200): fused only while the M <= 16 row applies: its 4-bit main loops with tcgen05 take
 #     30 (X·Wᵀ) and 77 (dY·W) thread-instructions per decoded weight at M > 16 (the decoded tile goes
@@ -162,7 +163,7 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 # `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
 #   sm_90, measured (NVIDIA H200, Triton 3.6, torch 2.11; `fastlora tune`, CUDA events, median, L2
-#     flushed; benchmarks/results/gpu-h200-20261204/): the model was wrong here. The fused GEMM runs at
+#     flushed; benchmarks/results/nvidia-h200/): the model was wrong here. The fused GEMM runs at
 #     about 120-145 TFLOP/s from M = 512 on, cuBLAS on the dequantized W at 500-600, so dequant is
 #     ahead at M >= 512 for gate/up/down (1.9-2.4x in X·Wᵀ at 512) and by 1.35-4.7x for every
 #     projection from 2048 on (k/v's 1024x4096 excepted up to 2048); the fused kernel is ahead at every
