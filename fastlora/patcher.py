@@ -349,34 +349,53 @@ def _call_reason(layer, x, args, kwargs):
     return None
 
 
+def _sub(module, name):
+    """``module.<name>``, a submodule, read from ``_modules`` where it is registered there (every read
+    through ``nn.Module.__getattr__`` costs about a µs, and a call makes a few dozen)."""
+    m = module._modules.get(name)
+    return m if m is not None else getattr(module, name)
+
+
+def _param(module, name):
+    """``getattr(module, name, None)`` for a parameter, read from ``_parameters`` where it is
+    registered there (a registered None included)."""
+    d = module._parameters
+    return d[name] if name in d else getattr(module, name, None)
+
+
 def _adapters(layer):
-    """(names, As, Bs, scalings, dropout ps) of the active adapters as the fused op takes them, or a
-    fallback reason."""
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A]
+    """(names, As, Bs, scalings, dropout ps, [(lora_A, lora_B, dropout) modules]) of the active
+    adapters as the fused op takes them, or a fallback reason."""
+    lora_A, lora_B, lora_dropout = _sub(layer, "lora_A"), _sub(layer, "lora_B"), _sub(layer, "lora_dropout")
+    adapters = [a for a in layer.active_adapters if a in lora_A]
     if not adapters:
         return "no_active_adapter"
-    As, Bs, scalings, ps = [], [], [], []
+    variants, dora, lora_bias = (getattr(layer, "lora_variant", {}), getattr(layer, "use_dora", {}),
+                                 getattr(layer, "lora_bias", {}))
+    As, Bs, scalings, ps, modules = [], [], [], [], []
     for a in adapters:
-        if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a):
+        if a in variants or dora.get(a):
             return "lora_variant"
-        lA, lB = layer.lora_A[a], layer.lora_B[a]
-        if _is_sharded(getattr(lA, "weight", None), getattr(lB, "weight", None)):
+        lA, lB = lora_A[a], lora_B[a]
+        wA, wB = _param(lA, "weight"), _param(lB, "weight")
+        if _is_sharded(wA, wB):
             return "sharded"  # an FSDP2 unit of its own: whole only inside its own forward
-        if getattr(layer, "lora_bias", {}).get(a, False) or getattr(lB, "bias", None) is not None:
+        if lora_bias.get(a, False) or _param(lB, "bias") is not None:
             return "lora_bias"
-        if type(lA) is not nn.Linear or type(lB) is not nn.Linear or lA.bias is not None:
+        if type(lA) is not nn.Linear or type(lB) is not nn.Linear or _param(lA, "bias") is not None:
             return "adapter_module"
-        drop = layer.lora_dropout[a]
+        drop = lora_dropout[a]
         if type(drop) is nn.Identity:
             p = 0.0
         elif type(drop) is nn.Dropout and 0.0 <= drop.p < 1.0:
             p = float(drop.p) if drop.training else 0.0
         else:
             return "dropout_module"
-        As.append(lA.weight)
-        Bs.append(lB.weight)
+        As.append(wA)
+        Bs.append(wB)
         scalings.append(float(layer.scaling[a]))
         ps.append(p)
+        modules.append((lA, lB, drop))
     if len(adapters) > 1 and any(p > 0.0 for p in ps):
         return "multiple_adapters_dropout"
     for sc in scalings:
@@ -385,16 +404,14 @@ def _adapters(layer):
         # ones depends on the summation order, which only PEFT's own path reproduces
         if (math.isfinite(sc) and abs(sc) > MAX_FUSED_SCALING) or (len(adapters) > 1 and not math.isfinite(sc)):
             return "scaling"
-    return adapters, As, Bs, scalings, ps
+    return adapters, As, Bs, scalings, ps, modules
 
 
-def _tensors_reason(layer, adapters, x, weight, bias, As, Bs):
+def _tensors_reason(base, modules, x, weight, bias, As, Bs):
     """A fallback reason from hooks, shards, devices, requires_grad or dtypes, or None."""
-    base = layer.base_layer
-    if _global_hooks() or _has_hooks(base) or any(_has_hooks(layer.lora_A[a]) or _has_hooks(layer.lora_B[a])
-                                                  or _has_hooks(layer.lora_dropout[a]) for a in adapters):
+    if _global_hooks() or _has_hooks(base) or any(_has_hooks(m) for ms in modules for m in ms):
         return "module_hooks"
-    if _is_sharded(weight, bias, *As, *Bs):
+    if _is_sharded(weight, bias):   # the adapters' weights: checked by _adapters
         return "sharded"
     dev = x.device
     if not can_run_on(dev):
@@ -412,7 +429,7 @@ def _tensors_reason(layer, adapters, x, weight, bias, As, Bs):
 def _base_4bit(layer, st, x, weight, bias, ac, lora_dtype):
     """(weight as Packed4bit, bias, compute dtype, x as the op takes it) for a bitsandbytes 4-bit base
     layer, as bitsandbytes' forward would compute it, or a fallback reason."""
-    base = layer.base_layer
+    base = _sub(layer, "base_layer")
     qs = get_quant_state(base)
     if qs is None:
         return "quant_state"
@@ -467,9 +484,10 @@ def _plan(layer, st, x, args, kwargs):
     got = _adapters(layer)
     if isinstance(got, str):
         return got
-    adapters, As, Bs, scalings, ps = got
-    weight, bias = layer.base_layer.weight, layer.base_layer.bias
-    reason = _tensors_reason(layer, adapters, x, weight, bias, As, Bs)
+    adapters, As, Bs, scalings, ps, modules = got
+    base = _sub(layer, "base_layer")
+    weight, bias = _param(base, "weight"), _param(base, "bias")
+    reason = _tensors_reason(base, modules, x, weight, bias, As, Bs)
     if reason is not None:
         return reason
     lora_dtype = As[0].dtype

@@ -25,6 +25,7 @@ import os
 import numpy as np
 
 _PATCHED = False
+_LAUNCH: list = []   # the _launch module (which imports this one), once a meta device is asked about
 
 
 def interpreter_active() -> bool:
@@ -36,10 +37,11 @@ def can_run_on(device) -> bool:
     """Whether fastlora's Triton kernels can run on tensors of ``device``: a CUDA GPU, or the CPU
     under the interpreter."""
     kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
-    if kind == "meta":
-        from . import _launch   # meta tensors run only with launches recorded or stubbed (no data)
-
-        return _launch.stub_active() or _launch.recording_active()
+    if kind == "meta":   # meta tensors run only with launches recorded or stubbed (no data)
+        if not _LAUNCH:  # imported at the first meta call (an import statement costs µs per call)
+            from . import _launch
+            _LAUNCH.append(_launch)
+        return _LAUNCH[0].stub_active() or _LAUNCH[0].recording_active()
     return kind == "cuda" or (kind == "cpu" and interpreter_active())
 
 
