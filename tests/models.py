@@ -90,15 +90,18 @@ def _device_map_target(device: str):
     return str(device)
 
 
-def load_llama_4bit(path: str, device: Optional[str] = None, **bnb_kwargs):
+def load_llama_4bit(path: str, device: Optional[str] = None, attn_implementation: Optional[str] = None,
+                    **bnb_kwargs):
     """Load a checkpoint the way a QLoRA user does (NF4 + double quant + bf16 compute by default),
-    onto ``device`` (default ``DEVICE``); bitsandbytes quantizes the weights there while loading."""
+    onto ``device`` (default ``DEVICE``); bitsandbytes quantizes the weights there while loading.
+    ``attn_implementation``: transformers' choice where None (SDPA)."""
     from transformers import LlamaForCausalLM
 
     device = DEVICE if device is None else device
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     return LlamaForCausalLM.from_pretrained(
         path, quantization_config=bnb_4bit_config(**bnb_kwargs), device_map={"": _device_map_target(device)},
-        dtype=torch.bfloat16,
+        dtype=torch.bfloat16, **extra,
     )
 
 

@@ -33,10 +33,10 @@ from models import cached_checkpoint, load_llama_4bit, lora_config, random_token
 N_LAYERS = 2
 
 
-def build(checkpointing=True, dropout=0.05, use_reentrant=False, **config):
+def build(checkpointing=True, dropout=0.05, use_reentrant=False, attn=None, **config):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_llama_4bit(cached_checkpoint(**config), device=DEVICE)
+    model = load_llama_4bit(cached_checkpoint(**config), device=DEVICE, attn_implementation=attn)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.config.use_cache = False
@@ -360,7 +360,10 @@ def test_gpu_pinned_copies_and_lower_peak():
     batch, seq = 1, 2048
     results = {}
     for offloaded in (False, True):
-        model = build(**config)
+        # eager attention: the results are compared bit for bit, and at 2048 tokens SDPA's fused
+        # attention backward may accumulate dQ over key blocks with atomics (an order that changes
+        # from run to run); at the other tests' 16 tokens there is one block
+        model = build(attn="eager", **config)
         fastlora.patch(model, offload_checkpoints=offloaded)
         for i in range(2):            # the second step is measured (caches warm)
             torch.cuda.synchronize()
