@@ -9,6 +9,7 @@
 #   check     python -m fastlora check: numerics against PEFT + bitsandbytes and fp64, speed vs PEFT
 #   tune      python -m fastlora tune --verify: first-use tuning of the Llama-3-8B projections from an
 #             empty cache (its cost), each pick measured again against its candidates (within 5%?)
+#   breakdown python -m benchmarks.host_breakdown: where a real eager layer call's host time goes
 #   host      python -m benchmarks host: host µs per layer call, stubbed and on the real GPU
 #   bench     python -m benchmarks layer at the Llama-3-8B projections, every provider (what is left)
 #
@@ -20,7 +21,7 @@
 #
 # Output folder: --out DIR, else benchmarks/results/gpu-<date>-<short commit>/ (a dry run:
 # $TMPDIR/fastlora-gpu-dry-<date>-<short commit>/). Files: summary.md, setup.log, tests.log,
-# tests.xml, check.log, check.jsonl, tune.log, host.log, host.jsonl, bench.log, layer.jsonl. summary.md
+# tests.xml, check.log, check.jsonl, tune.log, breakdown.log, host_breakdown.jsonl, host.log, host.jsonl, bench.log, layer.jsonl. summary.md
 # is rewritten after every step, so a run cut short still says how far it got. Where $OUT is set and
 # no --out is given (the GPU machine's folder, which returns eight files at most), the folder is a
 # temporary one, packed at the end into $OUT/gpu-run.tgz, with summary.md beside it; --tar FILE packs
@@ -30,7 +31,9 @@
 # `timeout` with the smaller of its own cap and what is left, a step that runs out is recorded as
 # "timeout" and the next one starts; a step is not started with less than MIN_STEP_S left.
 #
-# Environment: PYTHON (default python3), GPU_RUN_WHEELS (default .whl), GPU_RUN_SITE (default .site),
+# Environment: GPU_RUN_STEPS (comma list of the steps after versions to run; default
+# tests,check,tune,breakdown,host,bench), GPU_RUN_WORKERS (pytest-xdist workers for the tests
+# step where xdist is installed; default 8), PYTHON (default python3), GPU_RUN_WHEELS (default .whl), GPU_RUN_SITE (default .site),
 # BENCH_M (default 16,512,2048,8192), BENCH_AUTOCAST (default bf16,off), TUNE_M (default 16,2048), FASTLORA_COMMIT (the
 # commit to record where the checkout has no .git; default: git rev-parse HEAD).
 #
@@ -81,6 +84,7 @@ CAP_TESTS=200
 CAP_CHECK=120
 CAP_TUNE=110
 CAP_HOST=80
+CAP_BREAKDOWN=90
 MIN_STEP_S=20
 KILL_AFTER_S=15      # a step that ignores SIGTERM is killed this long after its limit
 
@@ -93,7 +97,17 @@ GPU_TESTS=(
     tests/test_tuning.py::test_gpu_pick_is_within_5_percent_of_the_best_measured_again
     tests/test_tuning.py::test_gpu_first_call_tunes_and_writes_the_cache
     tests/test_gpu_targets.py::test_compiled_for_own_target_equals_real_launch
+    tests/test_offload.py::test_gpu_pinned_copies_and_lower_peak
+    tests/test_offload.py::test_survives_later_gradient_checkpointing_enable
+    tests/test_patch.py::test_fallback_bf16_below_sm80
+    tests/test_patch.py::test_fallback_fp32_products_on_sm100_with_old_triton
+    tests/test_lora_linear.py::test_bf16_below_sm80_is_a_clear_error
+    tests/test_check.py::test_speed_rows_and_table
+    tests/test_device_guard.py::test_launchers_name_their_tensors_device
 )
+steps="${GPU_RUN_STEPS:-tests,check,tune,breakdown,host,bench}"
+wants() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+workers="${GPU_RUN_WORKERS:-8}"
 
 commit="${FASTLORA_COMMIT:-}"
 dirty=""
@@ -307,17 +321,24 @@ fi
 # ---------------------------------------------------------------------------------------------
 # tests: the GPU-only tests (a dry run collects them: every node id must exist)
 # ---------------------------------------------------------------------------------------------
-if [ "$dry" = 1 ]; then
-    run_step tests "$CAP_TESTS" tests.log "$PY" -m pytest --collect-only -q "${GPU_TESTS[@]}"
-    note="$(grep -E '^[0-9]+ tests? collected' "$out/tests.log" | tail -n 1)"
-    record tests "$step_status" "$step_secs" tests.log "collect-only: ${note:-no count}"
+if ! wants tests; then
+    record tests "skipped (GPU_RUN_STEPS)" 0 -
 else
-    rm -f "$out/tests.xml"
-    run_step tests "$CAP_TESTS" tests.log "$PY" -m pytest -rA --durations=25 --junitxml="$out/tests.xml" \
-        "${GPU_TESTS[@]}"
-    note=""
-    if [ -f "$out/tests.xml" ]; then
-        note="$("$PY" - "$out/tests.xml" 2>/dev/null <<'PY'
+    if [ "$dry" = 1 ]; then
+        run_step tests "$CAP_TESTS" tests.log "$PY" -m pytest --collect-only -q "${GPU_TESTS[@]}"
+        note="$(grep -E '^[0-9]+ tests? collected' "$out/tests.log" | tail -n 1)"
+        record tests "$step_status" "$step_secs" tests.log "collect-only: ${note:-no count}"
+    else
+        rm -f "$out/tests.xml"
+        xdist=()
+        if [ "$workers" -gt 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+            xdist=(-n "$workers")
+        fi
+        run_step tests "$CAP_TESTS" tests.log "$PY" -m pytest -rA --durations=25 --junitxml="$out/tests.xml" \
+            "${xdist[@]}" "${GPU_TESTS[@]}"
+        note=""
+        if [ -f "$out/tests.xml" ]; then
+            note="$("$PY" - "$out/tests.xml" 2>/dev/null <<'PY'
 import sys
 import xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
@@ -327,48 +348,76 @@ passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
 print(f"{passed} passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
 PY
 )"
+        fi
+        record tests "$step_status" "$step_secs" "tests.log, tests.xml" "${note:-no junit XML}"
     fi
-    record tests "$step_status" "$step_secs" "tests.log, tests.xml" "${note:-no junit XML}"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # check: fastlora check (numerics vs PEFT + bitsandbytes and fp64; on a GPU, speed vs PEFT)
 # ---------------------------------------------------------------------------------------------
-if [ "$dry" = 1 ]; then
-    run_step check "$CAP_CHECK" check.log "$PY" -m fastlora check --help
-    record check "$step_status" "$step_secs" check.log "--help only"
+if ! wants check; then
+    record check "skipped (GPU_RUN_STEPS)" 0 -
 else
-    FASTLORA_CACHE_DIR="$cache_dir" run_step check "$CAP_CHECK" check.log "$PY" -m fastlora check --out "$out"
-    note="$(grep -E '^verdict:' "$out/check.log" | tail -n 1)"
-    record check "$step_status" "$step_secs" "check.log, check.jsonl" "${note:-no verdict line}"
+    if [ "$dry" = 1 ]; then
+        run_step check "$CAP_CHECK" check.log "$PY" -m fastlora check --help
+        record check "$step_status" "$step_secs" check.log "--help only"
+    else
+        FASTLORA_CACHE_DIR="$cache_dir" run_step check "$CAP_CHECK" check.log "$PY" -m fastlora check --out "$out"
+        note="$(grep -E '^verdict:' "$out/check.log" | tail -n 1)"
+        record check "$step_status" "$step_secs" "check.log, check.jsonl" "${note:-no verdict line}"
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------------
 # tune: fastlora tune from an empty cache at the Llama-3-8B projections (what first use costs), then
 # every entry's candidates measured again: is the pick within 5% of the best?
 # ---------------------------------------------------------------------------------------------
-if [ "$dry" = 1 ]; then
-    run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --dry-run --model llama3-8b --m "$tune_m"
-    record tune "$step_status" "$step_secs" tune.log "--dry-run: the candidates for sm_90"
+if ! wants tune; then
+    record tune "skipped (GPU_RUN_STEPS)" 0 -
 else
-    FASTLORA_CACHE_DIR="$tune_cache" run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --model llama3-8b \
-        --m "$tune_m" --verify 0.5
-    note="$(grep -E 'entries in|^verify:' "$out/tune.log" | tr '\n' ' ')"
-    record tune "$step_status" "$step_secs" tune.log "${note:-no summary line}"
+    if [ "$dry" = 1 ]; then
+        run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --dry-run --model llama3-8b --m "$tune_m"
+        record tune "$step_status" "$step_secs" tune.log "--dry-run: the candidates for sm_90"
+    else
+        FASTLORA_CACHE_DIR="$tune_cache" run_step tune "$CAP_TUNE" tune.log "$PY" -m fastlora tune --model llama3-8b \
+            --m "$tune_m" --verify 0.5
+        note="$(grep -E 'entries in|^verify:' "$out/tune.log" | tr '\n' ' ')"
+        record tune "$step_status" "$step_secs" tune.log "${note:-no summary line}"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# breakdown: where a real eager layer call's host time goes (by subtraction: launches as no-ops,
+# autograd's device thread off, each launch alone, single pieces)
+# ---------------------------------------------------------------------------------------------
+if ! wants breakdown; then
+    record breakdown "skipped (GPU_RUN_STEPS)" 0 -
+elif [ "$dry" = 1 ]; then
+    run_step breakdown "$CAP_BREAKDOWN" breakdown.log "$PY" -m benchmarks.host_breakdown --help
+    record breakdown "$step_status" "$step_secs" breakdown.log "--help only"
+else
+    FASTLORA_CACHE_DIR="$cache_dir" run_step breakdown "$CAP_BREAKDOWN" breakdown.log "$PY" -m \
+        benchmarks.host_breakdown --m 1,16 --reps 200 --out "$out"
+    record breakdown "$step_status" "$step_secs" "breakdown.log, host_breakdown.jsonl"
 fi
 
 # ---------------------------------------------------------------------------------------------
 # host: host µs per layer call, fastlora and PEFT side by side (stubbed launches on meta tensors for
 # this GPU's target, then the real eager call on the GPU)
 # ---------------------------------------------------------------------------------------------
-if [ "$dry" = 1 ]; then
-    run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --help
-    record host "$step_status" "$step_secs" host.log "--help only"
+if ! wants host; then
+    record host "skipped (GPU_RUN_STEPS)" 0 -
 else
-    arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"sm_{p.major}{p.minor}")' 2>/dev/null)"
-    FASTLORA_CACHE_DIR="$cache_dir" run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --m 16 \
-        --strategy auto --reps 100 --target "${arch:-sm_90}" --out "$out"
-    record host "$step_status" "$step_secs" "host.log, host.jsonl" "target ${arch:-sm_90}"
+    if [ "$dry" = 1 ]; then
+        run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --help
+        record host "$step_status" "$step_secs" host.log "--help only"
+    else
+        arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"sm_{p.major}{p.minor}")' 2>/dev/null)"
+        FASTLORA_CACHE_DIR="$cache_dir" run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --m 16 \
+            --strategy auto --reps 100 --target "${arch:-sm_90}" --out "$out"
+        record host "$step_status" "$step_secs" "host.log, host.jsonl" "target ${arch:-sm_90}"
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -376,24 +425,28 @@ fi
 # the adapters under bf16 autocast first); its own budget stops it starting cases in time for the
 # case in hand and the model's records to finish inside the step's limit
 # ---------------------------------------------------------------------------------------------
-records_before=0
-[ -f "$out/layer.jsonl" ] && records_before="$(wc -l < "$out/layer.jsonl" | tr -d ' ')"
-if [ "$dry" = 1 ]; then
-    run_step bench 300 bench.log "$PY" -m benchmarks layer --smoke --family tiny --proj q_proj --m 16 --r 4 \
-        --autocast bf16 --providers fastlora-fused --modes forward+backward --no-model --out "$out"
+if ! wants bench; then
+    record bench "skipped (GPU_RUN_STEPS)" 0 -
 else
-    bench_limit=$(( $(left) - KILL_AFTER_S ))
-    bench_budget=$(( bench_limit - 60 ))
-    [ "$bench_budget" -lt 10 ] && bench_budget=10
-    FASTLORA_CACHE_DIR="$cache_dir" run_step bench "$bench_limit" bench.log "$PY" -m benchmarks layer \
-        --family llama3-8b --m "$bench_m" --r 16 --dropout 0.05 --autocast "$bench_autocast" \
-        --budget-seconds "$bench_budget" --out "$out"
+    records_before=0
+    [ -f "$out/layer.jsonl" ] && records_before="$(wc -l < "$out/layer.jsonl" | tr -d ' ')"
+    if [ "$dry" = 1 ]; then
+        run_step bench 300 bench.log "$PY" -m benchmarks layer --smoke --family tiny --proj q_proj --m 16 --r 4 \
+            --autocast bf16 --providers fastlora-fused --modes forward+backward --no-model --out "$out"
+    else
+        bench_limit=$(( $(left) - KILL_AFTER_S ))
+        bench_budget=$(( bench_limit - 60 ))
+        [ "$bench_budget" -lt 10 ] && bench_budget=10
+        FASTLORA_CACHE_DIR="$cache_dir" run_step bench "$bench_limit" bench.log "$PY" -m benchmarks layer \
+            --family llama3-8b --m "$bench_m" --r 16 --dropout 0.05 --autocast "$bench_autocast" \
+            --budget-seconds "$bench_budget" --out "$out"
+    fi
+    records=0
+    [ -f "$out/layer.jsonl" ] && records="$(wc -l < "$out/layer.jsonl" | tr -d ' ')"
+    note="$(( records - records_before )) new records in layer.jsonl"
+    [ "$dry" = 1 ] && note="smoke (CPU interpreter): $note"
+    record bench "$step_status" "$step_secs" "bench.log, layer.jsonl" "$note"
 fi
-records=0
-[ -f "$out/layer.jsonl" ] && records="$(wc -l < "$out/layer.jsonl" | tr -d ' ')"
-note="$(( records - records_before )) new records in layer.jsonl"
-[ "$dry" = 1 ] && note="smoke (CPU interpreter): $note"
-record bench "$step_status" "$step_secs" "bench.log, layer.jsonl" "$note"
 
 # ---------------------------------------------------------------------------------------------
 write_summary
@@ -401,7 +454,7 @@ echo
 cat "$out/summary.md"
 for st in "${statuses[@]}"; do
     case "$st" in
-        ok|skipped:\ no\ wheels*) ;;
+        ok|skipped:\ no\ wheels*|skipped\ \(GPU_RUN_STEPS\)) ;;
         *) exit 1 ;;
     esac
 done

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
-STEPS = ("layout", "install", "versions", "tests", "check", "tune", "host", "bench")
+STEPS = ("layout", "install", "versions", "tests", "check", "tune", "breakdown", "host", "bench")
 
 
 def _env():
@@ -60,7 +60,8 @@ def test_dry_run_writes_a_summary_with_every_step(tmp_path):
     assert "collect-only:" in rows["tests"][4] and "tests collected" in rows["tests"][4], rows["tests"]
     files = sorted(p.name for p in out.iterdir())
     assert set(files) <= {"summary.md", "setup.log", "tests.log", "tests.xml", "check.log", "check.jsonl",
-                          "tune.log", "host.log", "host.jsonl", "bench.log", "layer.jsonl"}, files
+                          "tune.log", "breakdown.log", "host_breakdown.jsonl", "host.log", "host.jsonl", "bench.log",
+                          "layer.jsonl"}, files
     assert "candidates in all" in (out / "tune.log").read_text()
     # --tar: the folder packed, with summary.md beside it (what a GPU machine's $OUT gets: two files)
     import tarfile
@@ -69,3 +70,19 @@ def test_dry_run_writes_a_summary_with_every_step(tmp_path):
     assert set(files) <= names and (packed.parent / "summary.md").read_text() == summary
     records = [json.loads(line) for line in (out / "layer.jsonl").read_text().splitlines() if line.strip()]
     assert records and all(r["performance_claim"] is False for r in records)
+
+
+def test_host_breakdown_dry_run_writes_its_records(tmp_path):
+    """``python -m benchmarks.host_breakdown --dry``: every measurement of the GPU script runs on the
+    CPU (interpreter, tiny shapes) and lands in host_breakdown.jsonl (timings meaningless there)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host_breakdown", "--dry", "--m", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "host_breakdown.jsonl").read_text().splitlines()]
+    names = {(r["group"], r["name"]) for r in recs}
+    for want in [("layer", "fastlora"), ("layer", "peft"), ("layer", "fastlora, launches a no-op"),
+                 ("parts", "tuning.pick via ops._resolve (auto)")]:
+        assert want in names, sorted(names)
+    assert any(g == "launch" for g, _ in names)
+    assert all(r["min"] > 0 and r["median"] >= r["min"] for r in recs)
