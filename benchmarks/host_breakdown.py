@@ -7,8 +7,8 @@ QLoRA recipe) and bf16 adapters, built as ``benchmarks host`` builds it: PEFT's 
 copy, on CUDA tensors, kernels run. Per call, min and median µs of ``time.perf_counter_ns`` (host
 time to enqueue; the GPU is synchronized between calls, so its queue is empty at each call's start):
 
-- ``layer``: the patched layer's training step (forward + backward) and its forward under no_grad,
-  beside PEFT's; the same with fastlora's launches replaced by a no-op (``Prepared.__call__``
+- ``layer``: the patched layer's training step (forward + backward, train mode) and its forward
+  under no_grad in eval mode (generation), beside PEFT's, as ``benchmarks host`` calls them; the same with fastlora's launches replaced by a no-op (``Prepared.__call__``
   returns at once: what is left is fastlora's Python, its allocations and autograd); the same with
   ``torch.autograd.set_multithreading_enabled(False)`` (backward on the calling thread instead of
   the device's autograd thread: the thread hand-off's share).
@@ -182,9 +182,12 @@ def main(argv=None) -> int:
                     p.enter(mode)
                     fn = p.call[mode]
 
-                    def call(fn=fn, p=p):
+                    grad = torch.enable_grad if mode == "train_step" else torch.no_grad
+
+                    def call(fn=fn, p=p, grad=grad):
                         p.reset()
-                        fn()
+                        with grad():
+                            fn()
 
                     cfg = dict(M=M, adapters=adapters, mode=mode)
                     rec("layer", f"{name}", _time(call, reps, sync), **cfg)

@@ -18,7 +18,8 @@
     ``fastlora.tuning``, tuning first where the cache has no entry; the row names the forward and the
     backward pick, asked with the settings the timed calls ran), the adapter products in bf16 as
     under ``Trainer(bf16=True)``; ratios are PEFT's time over each. CUDA events, L2 flushed before each
-    call, median (``tuning.cuda_timer``). On a CPU it prints "speed: not measured (no GPU)".
+    call, median (``tuning.cuda_timer(queued=False)``): each call at the host's pace, so the host's
+    cost is in the time, as in an eager step (the tuner times the GPU's work alone). On a CPU it prints "speed: not measured (no GPU)".
 (c) One verdict line. Exit status 0 when the numerics pass and, on a GPU, the auto pick is nowhere
     slower than PEFT's layer beyond 5% (forward+backward); 1 otherwise.
 
@@ -288,7 +289,8 @@ def speed(device, shapes, Ms, r: int = 16, p: float = 0.05, budget_s: float = 0.
             times = {}
             for provider in PROVIDERS:
                 fns, held = _provider_fns(layer, x, dy, provider, p)
-                times[provider] = {m: tuning.cuda_timer(None, fns[m], budget_s, device) * 1e3 for m in MODES}
+                times[provider] = {m: tuning.cuda_timer(None, fns[m], budget_s, device, queued=False) * 1e3
+                                   for m in MODES}
                 held.clear()
             auto = auto_picks(layer, M, p)
             for provider in PROVIDERS:

@@ -79,6 +79,7 @@ import sys
 import tempfile
 import threading
 import time
+import time
 import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -489,12 +490,41 @@ def release_l2() -> None:
     _L2.clear()
 
 
+# GPU clock cycles per millisecond per device index (for torch.cuda._sleep), measured once
+_CYCLES_PER_MS: Dict[int, float] = {}
+SLEEP_MAX_MS = 50.0
+
+
+def _cycles_per_ms(device: torch.device, stream) -> float:
+    """The cycles ``torch.cuda._sleep`` spins per millisecond on ``device``, timed once by events
+    (2e6, a 2 GHz clock, where that timing reads nothing)."""
+    idx = device.index if device.index is not None else 0
+    c = _CYCLES_PER_MS.get(idx)
+    if c is None:
+        cycles = 2_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        torch.cuda._sleep(cycles)
+        end.record(stream)
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        c = _CYCLES_PER_MS[idx] = cycles / ms if ms > 0 else 2e6
+    return c
+
+
 def cuda_timer(candidate: Candidate, fn: Callable[[], object], budget_s: float, device=None, *,
-               warmup: bool = True) -> float:
-    """Median milliseconds of ``fn`` by CUDA events, on ``device`` and its current stream (the device
-    guard puts ``fn``'s launches, the flushes and the events on that one stream): one untimed call
-    when ``warmup`` (compiles), one timed call to size the repetitions to ``budget_s``, then
-    MIN_REPS..MAX_REPS calls, each after an L2 flush."""
+               warmup: bool = True, queued: bool = True) -> float:
+    """Median milliseconds of ``fn``'s GPU work by CUDA events, on ``device`` and its current stream
+    (the device guard puts ``fn``'s launches, the flushes and the events on that one stream): one
+    untimed call when ``warmup`` (compiles), one call to size the repetitions to ``budget_s`` and to
+    time what ``fn`` costs the host, then MIN_REPS..MAX_REPS calls, each after an L2 flush.
+
+    Each timed call is queued behind a GPU sleep (``torch.cuda._sleep``) twice as long as its host
+    time, so the GPU runs its launches back to back: the events time the kernels, not the host's
+    pace between them (which is what a host slower than the GPU would otherwise put in, and what
+    varies from call to call). A call the GPU reached before it was fully queued doubles the sleep for
+    the calls after it. ``queued=False``: no sleep; the events then time the call at the host's pace
+    (what an eager call of this one layer takes, host included)."""
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device)
@@ -504,17 +534,25 @@ def cuda_timer(candidate: Candidate, fn: Callable[[], object], budget_s: float, 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         _flush_l2(device)
         start.record(stream)
+        t0 = time.perf_counter()
         fn()
+        host_ms = (time.perf_counter() - t0) * 1e3
         end.record(stream)
         end.synchronize()
         first_ms = start.elapsed_time(end)
-        reps = int(max(MIN_REPS, min(MAX_REPS, budget_s * 1e3 / max(first_ms + 0.05, 1e-3))))
+        per_cycle = _cycles_per_ms(device, stream) if queued else 0.0
+        sleep_ms = min(SLEEP_MAX_MS, 2.0 * host_ms + 0.02) if queued else 0.0
+        reps = int(max(MIN_REPS, min(MAX_REPS, budget_s * 1e3 / max(first_ms + sleep_ms + 0.05, 1e-3))))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for s, e in events:
             _flush_l2(device)
+            if queued:
+                torch.cuda._sleep(int(sleep_ms * per_cycle))
             s.record(stream)
             fn()
             e.record(stream)
+            if queued and s.query():   # the GPU got there before the call was queued: sleep longer
+                sleep_ms = min(SLEEP_MAX_MS, 2.0 * sleep_ms)
         stream.synchronize()
     samples = sorted(s.elapsed_time(e) for s, e in events)
     return samples[len(samples) // 2] if reps % 2 else 0.5 * (samples[reps // 2 - 1] + samples[reps // 2])

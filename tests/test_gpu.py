@@ -167,11 +167,14 @@ def test_patched_layer_is_bitwise_deterministic(M, split):
     dy = torch.randn(M, DET_N, device=DEVICE, dtype=BF16)
     lm._PLANS.clear()                    # the launch plans below are this layer's
     runs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        runs.append(_step(layer, x, dy))
-    torch.manual_seed(124)
-    other = _step(layer, x, dy)
+    # the fused strategy pinned: the device's measured rule may send M = 4096 to dequantize + cuBLAS,
+    # whose frozen product has no split-K plan to check
+    with fastlora.ops.using_strategy("fused"):
+        for _ in range(2):
+            torch.manual_seed(123)
+            runs.append(_step(layer, x, dy))
+        torch.manual_seed(124)
+        other = _step(layer, x, dy)
     assert report.fused_calls == 3 and not report.fallback_calls, (report.fused_calls, report.fallback_calls)
     plans = _frozen_plans()
     assert {t for t, _ in plans} == {False, True}, f"expected X·Wᵀ and dY·W plans, got {plans}"

@@ -294,6 +294,9 @@ class _FakeCuda:
             def synchronize(self):
                 pass
 
+            def query(self):
+                return False    # the GPU has not reached it: the call was queued in time
+
             def elapsed_time(self, end):
                 return end.t - self.t
 
@@ -302,6 +305,8 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(tuning, "_flush_l2", lambda device: fake.log.append(("flush", fake.current[-1])))
+        monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: fake.log.append(("sleep", fake.current[-1])))
+        monkeypatch.setattr(tuning, "_CYCLES_PER_MS", {})
 
     def call(self):
         self.log.append(("call", self.current[-1]))
@@ -316,10 +321,43 @@ def test_cuda_timer_times_on_the_weights_device(monkeypatch):
     assert ms == cuda.CALL_MS
     assert {dev for _, dev in cuda.log} == {"cuda:1"}, cuda.log
     assert sum(what == "call" for what, _ in cuda.log) == 2 + tuning.MIN_REPS       # warm-up, sizing, timed
+    # each timed call queued behind a sleep (one more: the clock's calibration, once per device)
+    assert sum(what == "sleep" for what, _ in cuda.log) == tuning.MIN_REPS + 1
     assert cuda.current == ["cuda:0"]                                              # the guard is left
     cuda.log.clear()
     tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 1), warmup=False)
     assert sum(what == "call" for what, _ in cuda.log) == 1 + tuning.MIN_REPS
+
+
+def test_cuda_timer_queues_each_timed_call_behind_a_sleep(monkeypatch):
+    """Each timed call: L2 flush, a GPU sleep, start event, the call, end event (the GPU then runs the
+    call's launches back to back); a call the GPU reached early doubles the sleep after it; with
+    queued=False no sleep at all (the host's pace)."""
+    cuda = _FakeCuda(monkeypatch)
+    cycles = []
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda c: (cycles.append(c), cuda.log.append(("sleep", "x"))))
+    tuning._CYCLES_PER_MS[0] = 1000.0
+    tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 0), warmup=False)
+    timed = [w for w, _ in cuda.log][4:]           # after the sizing call's flush, record, call, record
+    assert timed == ["flush", "sleep", "record", "call", "record"] * tuning.MIN_REPS, timed
+    assert len(set(cycles)) == 1 and cycles[0] >= 20     # at least 0.02 ms at 1000 cycles per ms
+    # the GPU reached the start event before the call was queued: the next sleep is twice as long
+    cycles.clear()
+    import itertools
+    early = itertools.cycle([True])
+    monkeypatch.setattr(tuning, "_CYCLES_PER_MS", {0: 1000.0})
+    orig_event = torch.cuda.Event
+
+    class EarlyEvent(orig_event):
+        def query(self):
+            return next(early)
+
+    monkeypatch.setattr(torch.cuda, "Event", EarlyEvent)
+    tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 0), warmup=False)
+    assert all(abs(b - 2 * a) <= 1 for a, b in zip(cycles, cycles[1:])), cycles
+    cuda.log.clear()
+    tuning.cuda_timer(None, cuda.call, 0.0, torch.device("cuda", 0), warmup=False, queued=False)
+    assert not any(w == "sleep" for w, _ in cuda.log)
 
 
 def test_the_l2_flush_buffer_is_freed_after_tuning():
