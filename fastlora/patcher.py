@@ -517,7 +517,7 @@ def _plan(layer, st, x, args, kwargs):
         lora_B = torch.cat([b * s for b, s in zip(Bs, scalings)], dim=1)
         scaling = 1.0
     return dict(x=x_in, w=w, lora_A=lora_A, lora_B=lora_B, scaling=scaling, bias=bias, strategy="auto",
-                dropout_p=ps[0], compute_dtype=compute, lora_dtype=lora_dt, autocast=ac is not None)
+                dropout_p=ps[0], compute_dtype=compute, lora_dtype=lora_dt)
 
 
 def _call_prev(layer, st, x, args, kwargs):
@@ -535,11 +535,8 @@ def _patched_forward(self, x, *args, **kwargs):
         return _call_prev(self, st, x, args, kwargs)
     if not torch.compiler.is_compiling():
         st.report.fused_calls += 1
-    autocast = plan.pop("autocast")
-    if autocast:
-        # the op's dtypes are explicit; autocast must not re-cast its inner torch.matmul
-        with torch.autocast(x.device.type, enabled=False):
-            return _run(**plan)
+    # under autocast too: the op's dtypes are explicit, and the one ATen product it runs (cuBLAS's,
+    # in the dequant strategy) switches autocast off around itself
     return _run(**plan)  # lora_linear past its argument checks: _plan made them, from the layer
 
 

@@ -27,6 +27,11 @@ from typing import Any, List, Optional
 
 import torch
 from triton import knobs as _knobs
+try:
+    from triton.knobs import HookChain as _HookChain
+except ImportError:   # a Triton whose hooks are plain callables or None
+    class _HookChain:   # noqa: D401 - nothing is ever of this type
+        calls = ()
 from triton.runtime.driver import driver as _driver
 
 from . import _interpreter
@@ -117,7 +122,16 @@ def tiles_for(target):
 def launch_target(device) -> Optional[Target]:
     """The target whose launch configuration applies on ``device``: the recorded target inside
     :func:`recording` or :func:`stubbed`; the device's own on CUDA; under the interpreter None (its
-    own tiles) unless :func:`tiles_for` named one."""
+    own tiles) unless :func:`tiles_for` named one.
+
+    A CUDA device's answer is kept per device (as given: ``cuda`` and ``cuda:0`` are two keys) once
+    the interpreter was found off for it: a layer call asks several times, and reading the
+    environment costs about a µs each time. The interpreter cannot be switched on for kernels that
+    were compiled at import, so the kept answer stays right."""
+    if _STUB is None and _NAMED_TARGET is None:
+        t = _CUDA_TARGETS.get(device)
+        if t is not None and _recorder() is None:
+            return t
     rec = _recorder()
     if rec is not None:
         return rec.target
@@ -126,9 +140,15 @@ def launch_target(device) -> Optional[Target]:
     if _NAMED_TARGET is not None or _interpreter.interpreter_active():
         return _NAMED_TARGET
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return _device_target_cached(dev.index if dev.index is not None else torch.cuda.current_device())
+    if dev.type == "cuda" and dev.index is not None:
+        t = _CUDA_TARGETS[device] = _device_target_cached(dev.index)
+        return t
+    if dev.type == "cuda":   # the current device: asked each time (it may change)
+        return _device_target_cached(torch.cuda.current_device())
     return None
+
+
+_CUDA_TARGETS: dict = {}   # torch.device (with an index) or its index -> its Target
 
 
 _DEVICE_TARGETS: dict = {}
@@ -219,10 +239,10 @@ class Prepared:
         stream = d.get_current_stream(device)
         params = args + self.tail
         runtime = _knobs.runtime
-        enter = runtime.launch_enter_hook
-        meta = ck.launch_metadata(self.grid, stream, *params) if enter is not None else None
+        enter, leave = _hook(runtime.launch_enter_hook), _hook(runtime.launch_exit_hook)
+        meta = ck.launch_metadata(self.grid, stream, *params) if enter is not None or leave is not None else None
         ck.run(self.grid[0], self.grid[1], self.grid[2], stream, ck.function, ck.packed_metadata, meta,
-               enter, runtime.launch_exit_hook, *params)
+               enter, leave, *params)
         return ck
 
     def _through_jit(self, args):
@@ -232,6 +252,16 @@ class Prepared:
             self.tail = tuple(self.kwargs[n] for n in names[len(args):])
             self.compiled = ck
         return ck
+
+
+def _hook(h):
+    """A launch hook as Triton's launcher takes it, None where there is nothing to call: Triton keeps
+    its launch hooks as chains (``knobs.HookChain``), never None, and a launch given a chain builds
+    the launch's metadata and calls the chain before and after, empty or not (a few µs per launch);
+    a profiler that adds a hook (Proton) still gets every launch."""
+    if h is None or (type(h) is _HookChain and not h.calls):
+        return None
+    return h
 
 
 @contextlib.contextmanager
