@@ -183,7 +183,7 @@ class _LayerPatch:
     the Packed4bit view does not (it is rebuilt from the loaded tensors on the first call), and the
     layer's name is added to ``report.restored``."""
 
-    __slots__ = ("report", "name", "kind", "packed_key", "packed")
+    __slots__ = ("report", "name", "kind", "packed_key", "packed_objs", "packed")
 
     def __getstate__(self):
         return {"report": self.report, "name": self.name, "kind": self.kind}
@@ -192,8 +192,7 @@ class _LayerPatch:
         self.report = state["report"]
         self.name = state["name"]
         self.kind = state["kind"]
-        self.packed_key = None
-        self.packed = None
+        self.packed_key = self.packed_objs = self.packed = None
         if self.name not in self.report.restored:
             self.report.restored.append(self.name)
 
@@ -202,6 +201,7 @@ class _LayerPatch:
         self.name = name
         self.kind = kind
         self.packed_key = None  # identity of (weight storage, quant_state, its tensors) behind .packed
+        self.packed_objs = None  # those objects, kept alive while their ids are in packed_key
         self.packed = None
 
     def packed_for(self, weight, qs):
@@ -214,14 +214,16 @@ class _LayerPatch:
         if torch.compiler.is_compiling():
             return from_bnb(weight, qs)
         state2 = getattr(qs, "state2", None)
-        key = (weight, weight.data_ptr(), qs, qs.absmax, qs.absmax.data_ptr(), getattr(qs, "code", None),
-               getattr(qs, "offset", None), state2, getattr(state2, "absmax", None), qs.quant_type,
-               qs.blocksize, tuple(qs.shape))
-        old = self.packed_key
-        if old is None or len(old) != len(key) or not all(a is b or (type(a) in (int, str, tuple) and a == b)
-                                                          for a, b in zip(old, key)):
+        absmax = qs.absmax
+        objs = (weight, qs, absmax, getattr(qs, "code", None), getattr(qs, "offset", None), state2,
+                getattr(state2, "absmax", None))
+        # the objects by id (one tuple compare in C; a tensor's == would compare elements): ids are
+        # unique while the objects live, and packed_objs keeps the last call's alive
+        key = (tuple(map(id, objs)), weight.data_ptr(), absmax.data_ptr(), qs.quant_type, qs.blocksize,
+               tuple(qs.shape))
+        if key != self.packed_key:
             self.packed = from_bnb(weight, qs)
-            self.packed_key = key
+            self.packed_key, self.packed_objs = key, objs
         return self.packed
 
 
@@ -409,19 +411,30 @@ def _adapters(layer):
 
 def _tensors_reason(base, modules, x, weight, bias, As, Bs):
     """A fallback reason from hooks, shards, devices, requires_grad or dtypes, or None."""
-    if _global_hooks() or _has_hooks(base) or any(_has_hooks(m) for ms in modules for m in ms):
+    # plain loops: a generator expression per check costs more than the checks (called every call)
+    if _global_hooks() or _has_hooks(base):
         return "module_hooks"
+    for ms in modules:
+        for m in ms:
+            if _has_hooks(m):
+                return "module_hooks"
     if _is_sharded(weight, bias):   # the adapters' weights: checked by _adapters
         return "sharded"
     dev = x.device
     if not can_run_on(dev):
         return "device"
-    if any(t.device != dev for t in [weight, *As, *Bs] + ([bias] if bias is not None else [])):
+    if weight.device != dev or (bias is not None and bias.device != dev):
         return "device_mismatch"
+    lora_dtype = As[0].dtype
+    dtype_ok = x.dtype in FLOAT_DTYPES and lora_dtype in FLOAT_DTYPES
+    for t in As + Bs:
+        if t.device != dev:
+            return "device_mismatch"
+        if t.dtype != lora_dtype:
+            dtype_ok = False
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "base_requires_grad"
-    lora_dtype = As[0].dtype
-    if x.dtype not in FLOAT_DTYPES or lora_dtype not in FLOAT_DTYPES or any(t.dtype != lora_dtype for t in As + Bs):
+    if not dtype_ok:
         return "dtype"
     return None
 

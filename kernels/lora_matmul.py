@@ -425,7 +425,7 @@ class _Plan:
     """Everything about one product that depends only on its specialization class (see
     :func:`_plan_key`): the configuration, the split count, the grid, the constexprs, the launch."""
 
-    __slots__ = ("launch", "cfg", "splits", "tiles", "consts", "part_shape")
+    __slots__ = ("launch", "cfg", "splits", "tiles", "consts", "part_shape", "ints")
 
 
 _PLANS: dict = {}
@@ -520,6 +520,7 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
     )
     plan = _Plan()
     plan.cfg, plan.splits, plan.tiles, plan.consts = cfg, splits, tiles, consts
+    plan.ints = None
     plan.part_shape = (splits, M, J) if splits > 1 else None
     plan.launch = _launch.Prepared(_lora_matmul_kernel, (tiles, splits), consts,
                                    a.device.index if a.device.type == "cuda" else None)
@@ -606,22 +607,20 @@ def lora_matmul(
         if M == 0 or J == 0:
             return None if defer else out
         _interpreter.ensure()
-        plan = _PLANS[key] = _build_plan(
+        plan = _build_plan(
             a, w, out, lora_l, bias, seed, trans_w=trans_w, compute_dtype=compute_dtype, accumulate=accumulate,
             dropout=dropout, skip_main=skip_main, round_base=round_base, round_term=round_term, adapter=adapter,
             scale_a=scale_a,
             target=target, config=config, M=M, J=J, I=I, Nw=Nw, Kw=Kw, rank=rank)
-    M, I = a.shape
-    J = out.shape[1]
-    if M == 0 or J == 0:
-        return None if defer else out
-    if isinstance(w, Packed4bit):
-        wargs = kernel_args(w)
-        Kw, swn, swk = w.K, w.K, 1
-    else:
-        wargs = (w,) * 6  # the decode pointers go unread: IS_4BIT is off
-        Kw = w.shape[1]
-        swn, swk = w.stride()
+        swn, swk = (w.K, 1) if isinstance(w, Packed4bit) else w.stride()
+        l_, r_ = (lora_l, lora_r) if lora_l is not None else (out, out)
+        plan.ints = (a.stride(0), a.stride(1), swn, swk, Kw, l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
+                     out.stride(0), out.stride(1), M, J, 0 if skip_main else I, rank)
+        _PLANS[key] = plan
+    # the integer arguments (strides, sizes) come from the plan: its key holds every tensor's shape
+    # and strides, so they are the same for every call that finds it
+    sa0, sa1, swn, swk, Kw, sl0, sl1, sr0, sr1, so0, so1, M, J, I_, rank = plan.ints
+    wargs = kernel_args(w) if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
     if plan.part_shape is not None:
         part = torch.empty(plan.part_shape, dtype=torch.float32, device=out.device)
         counts = _counters(out.device, plan.tiles)
@@ -629,23 +628,22 @@ def lora_matmul(
         part = counts = out
     if lora_l is None:
         l_ = r_ = out
-        rank = 0
     else:
-        l_, r_, rank = lora_l, lora_r, lora_l.shape[1]
+        l_, r_ = lora_l, lora_r
     if isinstance(seed, torch.Tensor) or seed is None:
         seed_t, lo, hi = (seed if seed is not None else out), 0, 0
     else:
         seed_t, lo, hi = out, seed & 0x7FFFFFFF, seed >> 31
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout != DROP_NONE else 1.0
     args = (
-        a, a.stride(0), a.stride(1),
+        a, sa0, sa1,
         *wargs, swn, swk, Kw,
-        l_, l_.stride(0), l_.stride(1),
-        r_, r_.stride(0), r_.stride(1),
+        l_, sl0, sl1,
+        r_, sr0, sr1,
         bias if bias is not None else out,
-        out, out.stride(0), out.stride(1),
+        out, so0, so1,
         part, counts,
-        M, J, 0 if skip_main else I, rank,
+        M, J, I_, rank,
         float(out_scale), float(lora_scale), seed_t, lo, hi, float(dropout_p), keep_scale,
     )
     if defer:
