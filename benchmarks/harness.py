@@ -288,10 +288,17 @@ def read_records(paths: Iterable[os.PathLike]) -> list:
         files.extend(sorted(p.rglob("*.jsonl")) if p.is_dir() else [p])
     records = []
     for path in files:
+        skipped = 0
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.strip():
-                    records.append(json.loads(line))
+                    rec = json.loads(line)
+                    if isinstance(rec, dict) and "schema" in rec and "bench" in rec:
+                        records.append(rec)
+                    else:   # a JSONL file of another kind in the same folder
+                        skipped += 1
+        if skipped:
+            log(f"{path}: {skipped} line(s) that are not benchmark records (no schema / bench) skipped")
     return records
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import statistics
 import time
@@ -114,6 +113,7 @@ def main(argv=None) -> int:
     from fastlora.kernels import _launch, lora_matmul as lm
     from triton.runtime.driver import driver as tdriver
 
+    from . import harness
     from .bench_host import Provider, _inputs, build_layer, quantize
 
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -234,16 +234,20 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        import platform
-
-        meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu (dry run)", "torch": torch.__version__,
-                "triton": __import__("triton").__version__, "python": platform.python_version(),
-                "commit": os.environ.get("FASTLORA_COMMIT", "")}
-        with open(os.path.join(args.out, "host_breakdown.jsonl"), "w") as f:
-            for r in records:
-                f.write(json.dumps({**meta, **r}) + "\n")
+        writer = harness.RecordWriter(args.out, "host_breakdown")
+        for r in records:
+            cfg = {k: v for k, v in r.items() if k not in ("min", "median")}
+            writer.write(harness.make_record("host_breakdown", cfg, {"host_us_min": r["min"],
+                                                                      "host_us_median": r["median"]},
+                                             FORMULAS, device=device, smoke=args.dry))
     return 0
+
+
+FORMULAS = {
+    "host_us_min": "min over reps of time.perf_counter_ns() around one call (µs), the GPU synchronized "
+                   "before each call",
+    "host_us_median": "median over reps of the same",
+}
 
 
 if __name__ == "__main__":

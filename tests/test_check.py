@@ -166,7 +166,8 @@ def test_speed_rows_and_table(monkeypatch):
     table prints them."""
     calls = []
 
-    def timer(cand, fn, budget_s, device=None):
+    def timer(cand, fn, budget_s, device=None, queued=True):
+        assert not queued                          # check times each call at the host's pace
         out = fn()
         assert out is not None
         calls.append(fn)

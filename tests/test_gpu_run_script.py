@@ -80,9 +80,10 @@ def test_host_breakdown_dry_run_writes_its_records(tmp_path):
                            str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "host_breakdown.jsonl").read_text().splitlines()]
-    names = {(r["group"], r["name"]) for r in recs}
+    assert all(r["bench"] == "host_breakdown" and not r["performance_claim"] for r in recs)
+    names = {(r["config"]["group"], r["config"]["name"]) for r in recs}
     for want in [("layer", "fastlora"), ("layer", "peft"), ("layer", "fastlora, launches a no-op"),
                  ("parts", "tuning.pick via ops._resolve (auto)")]:
         assert want in names, sorted(names)
     assert any(g == "launch" for g, _ in names)
-    assert all(r["min"] > 0 and r["median"] >= r["min"] for r in recs)
+    assert all(0 < r["metrics"]["host_us_min"] <= r["metrics"]["host_us_median"] for r in recs)

@@ -377,12 +377,14 @@ def test_gpu_pinned_copies_and_lower_peak():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             node = loss.grad_fn
-            stack, found, seen = [node], [], set()
+            # a node reached along two paths is one node; the visited nodes stay referenced, so no id
+            # is reused by another node's Python object while the walk runs
+            stack, found, seen = [node], [], {}
             while stack:
                 n = stack.pop()
-                if n is None or id(n) in seen:   # a node reached along two paths is one node
+                if n is None or id(n) in seen:
                     continue
-                seen.add(id(n))
+                seen[id(n)] = n
                 if type(n).__name__ == "OffloadedCheckpointBackward":
                     found.append(n)
                 stack += [m for m, _ in n.next_functions]
