@@ -66,7 +66,11 @@ def _layer_groups(records):
         # the adapters' setting is part of the family's label: its own tables and plots
         fam = c["family"] + ("+autocast" if c.get("autocast") == "bf16" else "")
         key = (r["device_name"], fam, c["proj"], c["K"], c["N"], c["r"], c["dropout"], c["mode"])
-        groups[key][c["M"]][c["provider"]] = r
+        slot = groups[key][c["M"]]
+        old = slot.get(c["provider"])
+        # two runs of one case whose configs differ in a setting the table does not show: the newer
+        if old is None or r.get("timestamp", "") >= old.get("timestamp", ""):
+            slot[c["provider"]] = r
     return groups
 
 

@@ -264,3 +264,20 @@ def test_dequant_kernel_microbench(request, benchmark):
     benchmark.extra_info.update({"N": N, "K": K, "bytes_read": N * K // 2 + N * K // 64, "bytes_written": 2 * N * K,
                                  "device": harness.device_name(torch.device(device)),
                                  "performance_claim": harness.performance_claim(torch.device(device), False)})
+
+
+def test_report_keeps_the_newest_record_of_a_case():
+    """Two runs of one layer case whose configs differ in a setting the table does not show (a
+    budget, say): the table's cell is the newer run's, whatever order the files were read in."""
+    from benchmarks import report
+
+    def rec(ts, ms, budget):
+        return {"device_name": "GPU", "bench": "layer", "timestamp": ts,
+                "config": {"family": "f", "proj": "q", "K": 8, "N": 8, "r": 4, "dropout": 0.0, "mode": "forward",
+                           "M": 16, "provider": "peft", "budget": budget}, "metrics": {"median_ms": ms}}
+
+    new, old = rec("2026-12-04T15:00:00+00:00", 1.0, 10), rec("2026-12-04T12:00:00+00:00", 2.0, 20)
+    for order in ([new, old], [old, new]):
+        groups = report._layer_groups(report._latest(order))
+        (cells,) = groups.values()
+        assert cells[16]["peft"] is new
