@@ -21,15 +21,14 @@ time to enqueue; the GPU is synchronized between calls, so its queue is empty at
   ``torch.mm`` enqueue, and an autograd Function that does nothing (forward + backward) on the GPU
   and on the CPU.
 
-Needs CUDA. Writes ``host_breakdown.jsonl`` (one record per measurement) to --out when given.
+Needs CUDA (``--dry``: the CPU, under the interpreter, to check the script). Writes
+``host_breakdown.jsonl`` (one benchmark record per measurement) to --out when given.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import statistics
 import time
 
@@ -197,25 +196,16 @@ def main(argv=None) -> int:
                     if name == "fastlora":
                         with _Noop():
                             rec("layer", "fastlora, launches a no-op", _time(call, reps, sync), **cfg)
-                        # resolve and defer one product, as the forward's first does (no launch)
-                        if mode == "forward":
-                            with _Capture() as cap:
-                                call()
-                            sync()
-                            for i, (prep, largs) in enumerate(cap.calls):
-                                kname = getattr(prep.kernel, "fn", prep.kernel).__name__
-                                rec("launch", f"forward launch {i}: {kname}",
-                                    _time(lambda prep=prep, largs=largs: prep(*largs), reps, sync),
-                                    nargs=len(largs) + len(prep.tail or ()), **cfg)
-                        else:
-                            with _Capture() as cap:
-                                call()
-                            sync()
-                            for i, (prep, largs) in enumerate(cap.calls):
-                                kname = getattr(prep.kernel, "fn", prep.kernel).__name__
-                                rec("launch", f"step launch {i}: {kname}",
-                                    _time(lambda prep=prep, largs=largs: prep(*largs), reps, sync),
-                                    nargs=len(largs) + len(prep.tail or ()), **cfg)
+                        # each launch the call made, alone, with the arguments it had
+                        with _Capture() as cap:
+                            call()
+                        sync()
+                        what = "forward" if mode == "forward" else "step"
+                        for i, (prep, largs) in enumerate(cap.calls):
+                            kname = getattr(prep.kernel, "fn", prep.kernel).__name__
+                            rec("launch", f"{what} launch {i}: {kname}",
+                                _time(lambda prep=prep, largs=largs: prep(*largs), reps, sync),
+                                nargs=len(largs) + len(prep.tail or ()), **cfg)
             if adapters == "bf16" and M == Ms[-1]:
                 A = fl_layer.lora_A["default"].weight
                 h = torch.empty((M, 16), dtype=torch.bfloat16, device=device)
