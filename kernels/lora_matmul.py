@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import _interpreter, _launch, configs
 from .quant4 import (Packed4bit, _dequant_4bit_kernel, check_device, decode_4bit, decode_4bit_rows, dequant_block,
-                     dequantize_4bit, kernel_args, pair_table, wide_decode_ok)
+                     dequantize_4bit, pair_table, wide_decode_ok)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -440,8 +440,13 @@ def _sig(t: torch.Tensor) -> tuple:
 
 
 def _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config):
-    wkey = w.spec if isinstance(w, Packed4bit) else _sig(w)
-    return (flags, target, configs.generation(), config, a.device, _sig(a), wkey, _sig(out),
+    """Everything a launch plan depends on, as one flat tuple (built and compared on every call:
+    nested tuples cost more of both). ``configs.generation()`` changes when the tables may answer
+    otherwise."""
+    return (flags, target, configs._GENERATION[0], config, a.device,
+            a.dtype, a.shape, a.stride(), a.data_ptr() % 16 == 0,
+            w.spec if isinstance(w, Packed4bit) else _sig(w),
+            out.dtype, out.shape, out.stride(), out.data_ptr() % 16 == 0,
             None if lora_l is None else (_sig(lora_l), _sig(lora_r)),
             None if bias is None else _sig(bias), isinstance(seed, torch.Tensor))
 
@@ -620,7 +625,7 @@ def lora_matmul(
     # the integer arguments (strides, sizes) come from the plan: its key holds every tensor's shape
     # and strides, so they are the same for every call that finds it
     sa0, sa1, swn, swk, Kw, sl0, sl1, sr0, sr1, so0, so1, M, J, I_, rank = plan.ints
-    wargs = kernel_args(w) if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
+    wargs = w.kargs if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
     if plan.part_shape is not None:
         part = torch.empty(plan.part_shape, dtype=torch.float32, device=out.device)
         counts = _counters(out.device, plan.tiles)
@@ -753,7 +758,7 @@ def launch_together(first: Optional[Pending], second: Optional[Pending] = None, 
     shared = a1[_N_OWN:] if second is not None and second.plan.consts["DROPOUT"] != DROP_NONE else a0[_N_OWN:]
     if q is not None:
         numel = q.N * q.K
-        deq = (*kernel_args(q), dq_out, numel, (numel + 1) // 2)
+        deq = (*q.kargs, dq_out, numel, (numel + 1) // 2)
     else:
         deq = (a0[0],) * 7 + (0, 0)
     p1 = second.plan if second is not None else None
