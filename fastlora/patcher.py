@@ -40,6 +40,7 @@ bitsandbytes 0.50 ``Linear4bit.forward``):
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -489,6 +490,9 @@ def _base_dense(weight, bias, x, ac):
     return weight, bias, ac, x.to(ac)  # autocast runs both the base and the LoRA linears on x in this dtype
 
 
+_PLAIN_READS = torch._C.DisableTorchFunctionSubclass
+
+
 def _plan(layer, st, x, args, kwargs):
     """A fallback reason (str), or the fused call's arguments (dict). Reads everything now."""
     reason = _call_reason(layer, x, args, kwargs)
@@ -500,15 +504,23 @@ def _plan(layer, st, x, args, kwargs):
     adapters, As, Bs, scalings, ps, modules = got
     base = _sub(layer, "base_layer")
     weight, bias = _param(base, "weight"), _param(base, "bias")
-    reason = _tensors_reason(base, modules, x, weight, bias, As, Bs)
+    # bitsandbytes' Params4bit overrides __torch_function__, so each attribute read of the 4-bit
+    # weight (device, requires_grad, data_ptr) runs its handler: ~2.5 µs a read. The checks that
+    # read it run with subclass handlers off (the same values, ~0.15 µs a read); traced, as written
+    plain = _PLAIN_READS() if not torch.compiler.is_compiling() else contextlib.nullcontext()
+    with plain:
+        reason = _tensors_reason(base, modules, x, weight, bias, As, Bs)
     if reason is not None:
         return reason
     lora_dtype = As[0].dtype
     ac = _autocast_dtype(x.device.type)
     if not getattr(layer, "cast_input_dtype_enabled", True) and ac is None and x.dtype != lora_dtype:
         return "dtype"  # PEFT would feed x uncast to lora_A and F.linear would raise
-    got = (_base_4bit(layer, st, x, weight, bias, ac, lora_dtype) if st.kind == "4bit"
-           else _base_dense(weight, bias, x, ac))
+    if st.kind == "4bit":
+        with plain:
+            got = _base_4bit(layer, st, x, weight, bias, ac, lora_dtype)
+    else:
+        got = _base_dense(weight, bias, x, ac)
     if isinstance(got, str):
         return got
     w, bias, compute, x_in = got
@@ -537,27 +549,16 @@ def _call_prev(layer, st, x, args, kwargs):
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
-_NO_SUBCLASS_FN = torch._C.DisableTorchFunctionSubclass
-
-
 def _patched_forward(self, x, *args, **kwargs):
     """The forward a patched layer runs: the fused op when it gives PEFT's result, else PEFT's.
     Stored on the layer as ``functools.partial(_patched_forward, layer)``: it pickles by reference to
     this module-level function."""
     st = self.__dict__[_STATE_ATTR]
-    compiling = torch.compiler.is_compiling()
-    if compiling:
-        plan = _plan(self, st, x, args, kwargs)
-    else:
-        # bitsandbytes' Params4bit overrides __torch_function__, so each attribute read of the 4-bit
-        # weight (device, requires_grad, data_ptr) runs its handler: ~2.5 µs a read here. The plan
-        # reads the same values with subclass handlers off (~0.15 µs a read)
-        with _NO_SUBCLASS_FN():
-            plan = _plan(self, st, x, args, kwargs)
+    plan = _plan(self, st, x, args, kwargs)
     if isinstance(plan, str):
         st.report._fallback(st.name, plan)
         return _call_prev(self, st, x, args, kwargs)
-    if not compiling:
+    if not torch.compiler.is_compiling():
         st.report.fused_calls += 1
     # under autocast too: the op's dtypes are explicit, and the one ATen product it runs (cuBLAS's,
     # in the dequant strategy) switches autocast off around itself
