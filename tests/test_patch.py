@@ -887,3 +887,34 @@ class _FixedMask(nn.Module):
 
     def forward(self, x):
         return x * (self.mask.reshape(x.shape).to(x.dtype) / (1.0 - self.p))
+
+
+def test_patched_call_runs_no_params4bit_torch_function_handler(monkeypatch):
+    """bitsandbytes' Params4bit overrides __torch_function__, which made each read of the 4-bit
+    weight's device, requires_grad or data_ptr cost a handler call (about 2.5 µs). A patched layer's
+    call (forward and backward, after the first, which builds the weight's view) runs none of them,
+    and still gives PEFT's result."""
+    pm = make_model("4bit")
+    ref, report = patched_pair(pm)
+    x = rand(3, K_IN)
+    pm(x)                                        # the first call builds the Packed4bit view
+    calls = []
+    orig = bnb.nn.Params4bit.__torch_function__.__func__
+
+    def counting(cls, func, types, args=(), kwargs=None):
+        calls.append(getattr(func, "__name__", str(func)))
+        return orig(cls, func, types, args, kwargs)
+
+    monkeypatch.setattr(bnb.nn.Params4bit, "__torch_function__", classmethod(counting))
+    xg = x.clone().requires_grad_(True)
+    y = pm(xg)
+    y.sum().backward()
+    assert report.fused_calls == 2 and not report.fallback_calls, report.summary()
+    assert calls == [], calls
+    with torch.no_grad():
+        assert torch.equal(y.detach(), pm(x))
+        y_ref = ref(x)
+    assert_within_rule("Y", y.detach().double(), exact_forward(layer_of(pm), x, ["default"])[0].detach(), y_ref)
+    # the same reads without the patch's care do run the handler: the counter counts
+    layer_of(pm).base_layer.weight.device
+    assert calls, "the counting handler did not run for a plain attribute read"
