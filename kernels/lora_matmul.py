@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import _interpreter, _launch, configs
 from .quant4 import (Packed4bit, _dequant_4bit_kernel, check_device, decode_4bit, decode_4bit_rows, dequant_block,
-                     dequantize_4bit, pair_table, wide_decode_ok)
+                     dequantize_4bit, kernel_args, pair_table, wide_decode_ok)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -440,9 +440,7 @@ def _sig(t: torch.Tensor) -> tuple:
 
 
 def _plan_key(a, w, out, lora_l, lora_r, bias, seed, flags, target, config):
-    """Everything a launch plan depends on, as one flat tuple (built and compared on every call:
-    nested tuples cost more of both). ``configs.generation()`` changes when the tables may answer
-    otherwise."""
+    # one flat tuple (built and compared on every call); _GENERATION: configs.generation()
     return (flags, target, configs._GENERATION[0], config, a.device,
             a.dtype, a.shape, a.stride(), a.data_ptr() % 16 == 0,
             w.spec if isinstance(w, Packed4bit) else _sig(w),
@@ -622,10 +620,9 @@ def lora_matmul(
         plan.ints = (a.stride(0), a.stride(1), swn, swk, Kw, l_.stride(0), l_.stride(1), r_.stride(0), r_.stride(1),
                      out.stride(0), out.stride(1), M, J, 0 if skip_main else I, rank)
         _PLANS[key] = plan
-    # the integer arguments (strides, sizes) come from the plan: its key holds every tensor's shape
-    # and strides, so they are the same for every call that finds it
+    # strides and sizes from the plan: its key holds every tensor's shape and strides
     sa0, sa1, swn, swk, Kw, sl0, sl1, sr0, sr1, so0, so1, M, J, I_, rank = plan.ints
-    wargs = w.kargs if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
+    wargs = kernel_args(w) if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
     if plan.part_shape is not None:
         part = torch.empty(plan.part_shape, dtype=torch.float32, device=out.device)
         counts = _counters(out.device, plan.tiles)
@@ -758,7 +755,7 @@ def launch_together(first: Optional[Pending], second: Optional[Pending] = None, 
     shared = a1[_N_OWN:] if second is not None and second.plan.consts["DROPOUT"] != DROP_NONE else a0[_N_OWN:]
     if q is not None:
         numel = q.N * q.K
-        deq = (*q.kargs, dq_out, numel, (numel + 1) // 2)
+        deq = (*kernel_args(q), dq_out, numel, (numel + 1) // 2)
     else:
         deq = (a0[0],) * 7 + (0, 0)
     p1 = second.plan if second is not None else None

@@ -88,11 +88,6 @@ class Packed4bit:
         return (self.N, self.K, self.blocksize, self.blocksize2, self.nested, self.absmax.dtype,
                 tuple(t.data_ptr() % 16 == 0 for t in kernel_args(self)))
 
-    @functools.cached_property
-    def kargs(self) -> tuple:
-        """:func:`kernel_args` of this weight, built once (its tensors are fixed)."""
-        return kernel_args(self)
-
     @property
     def device(self) -> torch.device:
         return self.packed.device
