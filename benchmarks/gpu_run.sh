@@ -9,6 +9,8 @@
 #   check     python -m fastlora check: numerics against PEFT + bitsandbytes and fp64, speed vs PEFT
 #   tune      python -m fastlora tune --verify: first-use tuning of the Llama-3-8B projections from an
 #             empty cache (its cost), each pick measured again against its candidates (within 5%?)
+#   gemv      python -m benchmarks.bench_gemv: the frozen 4-bit product at M <= 16, GPU time of the GEMV
+#             kernel, the tensor-core kernel, dequantize + cuBLAS, bitsandbytes and the bf16 floor
 #   breakdown python -m benchmarks.host_breakdown: where a real eager layer call's host time goes
 #   host      python -m benchmarks host: host µs per layer call, stubbed and on the real GPU
 #   bench     python -m benchmarks layer at the Llama-3-8B projections, every provider (what is left)
@@ -21,7 +23,7 @@
 #
 # Output folder: --out DIR, else benchmarks/results/gpu-<date>-<short commit>/ (a dry run:
 # $TMPDIR/fastlora-gpu-dry-<date>-<short commit>/). Files: summary.md, setup.log, tests.log,
-# tests.xml, check.log, check.jsonl, tune.log, breakdown.log, host_breakdown.jsonl, host.log, host.jsonl, bench.log, layer.jsonl. summary.md
+# tests.xml, check.log, check.jsonl, tune.log, gemv.log, gemv.jsonl, breakdown.log, host_breakdown.jsonl, host.log, host.jsonl, bench.log, layer.jsonl. summary.md
 # is rewritten after every step, so a run cut short still says how far it got. Where $OUT is set and
 # no --out is given (the GPU machine's folder, which returns eight files at most), the folder is a
 # temporary one, packed at the end into $OUT/gpu-run.tgz, with summary.md beside it; --tar FILE packs
@@ -32,9 +34,10 @@
 # "timeout" and the next one starts; a step is not started with less than MIN_STEP_S left.
 #
 # Environment: GPU_RUN_STEPS (comma list of the steps after versions to run; default
-# tests,check,tune,breakdown,host,bench), GPU_RUN_WORKERS (pytest-xdist workers for the tests
+# tests,check,tune,gemv,breakdown,host,bench), GPU_RUN_WORKERS (pytest-xdist workers for the tests
 # step where xdist is installed; default 8), PYTHON (default python3), GPU_RUN_WHEELS (default .whl), GPU_RUN_SITE (default .site),
-# BENCH_M (default 16,512,2048,8192), BENCH_AUTOCAST (default bf16,off), TUNE_M (default 16,2048), FASTLORA_COMMIT (the
+# BENCH_M (default 16,512,2048,8192), BENCH_AUTOCAST (default bf16,off), TUNE_M (default 16,2048), GEMV_M (default
+# 1,4,8,16), FASTLORA_COMMIT (the
 # commit to record where the checkout has no .git; default: git rev-parse HEAD).
 #
 # Exit status: 0 when every step passed (or was skipped because nothing needed doing), else 1;
@@ -85,6 +88,7 @@ CAP_CHECK=120
 CAP_TUNE=110
 CAP_HOST=80
 CAP_BREAKDOWN=90
+CAP_GEMV=120
 MIN_STEP_S=20
 KILL_AFTER_S=15      # a step that ignores SIGTERM is killed this long after its limit
 
@@ -104,8 +108,11 @@ GPU_TESTS=(
     tests/test_lora_linear.py::test_bf16_below_sm80_is_a_clear_error
     tests/test_check.py::test_speed_rows_and_table
     tests/test_device_guard.py::test_launchers_name_their_tensors_device
+    tests/test_gemv.py
+    tests/test_lora_linear.py::test_tokens
+    tests/test_lora_linear.py::test_dropout_and_bias
 )
-steps="${GPU_RUN_STEPS:-tests,check,tune,breakdown,host,bench}"
+steps="${GPU_RUN_STEPS:-tests,check,tune,gemv,breakdown,host,bench}"
 wants() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 workers="${GPU_RUN_WORKERS:-8}"
 
@@ -385,6 +392,20 @@ else
         note="$(grep -E 'entries in|^verify:' "$out/tune.log" | tr '\n' ' ')"
         record tune "$step_status" "$step_secs" tune.log "${note:-no summary line}"
     fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# gemv: the frozen 4-bit product at a few tokens, every way to compute it, GPU time side by side
+# ---------------------------------------------------------------------------------------------
+if ! wants gemv; then
+    record gemv "skipped (GPU_RUN_STEPS)" 0 -
+elif [ "$dry" = 1 ]; then
+    run_step gemv "$CAP_GEMV" gemv.log "$PY" -m benchmarks.bench_gemv --help
+    record gemv "$step_status" "$step_secs" gemv.log "--help only"
+else
+    FASTLORA_CACHE_DIR="$cache_dir" run_step gemv "$CAP_GEMV" gemv.log "$PY" -m benchmarks.bench_gemv \
+        --m "${GEMV_M:-1,4,8,16}" --out "$out"
+    record gemv "$step_status" "$step_secs" "gemv.log, gemv.jsonl"
 fi
 
 # ---------------------------------------------------------------------------------------------

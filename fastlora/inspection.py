@@ -388,7 +388,10 @@ def kernel_facts(launch: _launch.Launch, target) -> KernelFacts:
     loop_n, loop_mma, how = 0, 0, "no loop"
     if loops:
         scored = [(sass.count(is_mma, lo, hi), sass.count(lambda o: True, lo, hi), lo, hi) for lo, hi in loops]
-        best = max(scored, key=lambda s: (s[0], s[1]))
+        # the main loop: the one with the most tensor-core instructions, and of those the longest; the
+        # GEMV's main loop has none (its epilogue's rank loop has the kernel's only ones): the longest
+        gemv = "gemv" in launch.name
+        best = max(scored, key=lambda s: (s[1],) if gemv else (s[0], s[1]))
         loop_mma, loop_n, lo, hi = best
         how = (f"backward BRA at {hi:#x} to {lo:#x}: the loop body with the most tensor-core instructions "
                f"({loop_mma})" if loop_mma else f"backward BRA at {hi:#x} to {lo:#x}: the longest loop body "
@@ -464,6 +467,8 @@ def _program_tensor_flops(a: dict, trips: int) -> Dict[str, int]:
     (FMA) or absent."""
     bm, bj = a["BLOCK_M"], a["BLOCK_J"]
     main = 2 * bm * bj * a["BLOCK_I"] * trips if "float32" not in str(a["COMPUTE"]) else 0
+    if "EPI_M" in a:        # the GEMV kernel: its main loop on the FMA units, its epilogue EPI_M rows
+        main, bm = 0, a["EPI_M"]
     lora = 0
     if a["HAS_LORA"] and a["rank"] and a["l_ptr"].dtype != torch.float32:
         br = a["BLOCK_R"]

@@ -174,6 +174,23 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 MEASURED_THRESHOLDS = {"sm_90": "benchmarks/results/nvidia-h200/ (NVIDIA H200, 2026-12-04)"}
 DEQUANT_MIN_TOKENS = {"sm_90": 512, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
 
+# the fewest rows of a tensor-core tile (tl.dot); a 4-bit row with fewer (GEMV_KINDS) runs as a GEMV
+# (``lora_matmul._lora_matmul_gemv_kernel``: the decoded W multiplied on the FMA units, no MMA tile of padding)
+MMA_MIN_ROWS = 16
+GEMV_KINDS = ("frozen4", "frozen4_lora32")
+# the resident programs per SM a GEMV's split count plans for (its programs are 4 warps and small:
+# one per SM, as the tensor-core tiles plan, would leave most of an SM's loads unissued)
+GEMV_PROGRAMS_PER_SM = 4
+# the GEMV row, first in every family's 4-bit tables but sm_75's: M <= 8 as 8 x 64 x 64 (narrowed to
+# M's power of two), 4 warps, its loop over W 3 stages deep, split-K up to 32 ways. A W tile of 64 x 64
+# is 2 KB of packed bytes a step and 32 weights per thread, the same tile for X·Wᵀ (64 of W's rows)
+# and dY·W (64 of its columns)
+GEMV_ROW = (8, _C(8, 64, 64, 4, 3, 32))
+for _family, _table in TABLES.items():
+    if _family != "sm_75":
+        for _kind in GEMV_KINDS:
+            _table[_kind] = [GEMV_ROW] + [row for row in _table[_kind] if row[0] > GEMV_ROW[0]]
+
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there
 INTERPRETER = _C(64, 64, 64, 4, 1)
@@ -204,14 +221,15 @@ def partial_bytes(rows: int, cols: int, splits: int) -> int:
 
 
 def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_bytes: int = 1,
-           split_bytes: int = 0) -> int:
+           split_bytes: int = 0, per_sm: int = 1) -> int:
     """How many ways to split the reduction of a product with ``tiles`` output tiles (at most the
     row's ``split``, at least one BLOCK_I step per split): the s that moves the fewest bytes,
 
-        ceil(tiles·s / SMs) · SMs · ceil(steps / s) · step_bytes  +  tiles · s · split_bytes
+        ceil(tiles·s / (SMs·P)) · SMs·P · ceil(steps / s) · step_bytes  +  tiles · s · split_bytes
 
     the first term the operand bytes of one BLOCK_I step (``step_bytes``) over the waves the grid
-    takes at one resident program per SM, every SM of every wave busy for the longest program (so
+    takes at P = ``per_sm`` resident programs per SM (1 for the tensor-core tiles, GEMV_PROGRAMS_PER_SM
+    for the GEMV's small ones), every slot of every wave busy for the longest program (so
     a grid that leaves SMs idle, or a last wave that is mostly empty, costs what it wastes); the
     second the fp32 partials each extra program writes and the tile's last program reads back
     (``split_bytes`` per program). Ties go to the fewer splits."""
@@ -220,8 +238,9 @@ def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_b
     steps = -(-I // cfg.block_i)
     best, best_cost = 1, None
     for s in range(1, max(1, min(cfg.split, steps)) + 1):
-        waves = -(-(tiles * s) // target.sms)
-        cost = waves * target.sms * (-(-steps // s)) * step_bytes + (tiles * s * split_bytes if s > 1 else 0)
+        slots = target.sms * per_sm
+        waves = -(-(tiles * s) // slots)
+        cost = waves * slots * (-(-steps // s)) * step_bytes + (tiles * s * split_bytes if s > 1 else 0)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
     return best
@@ -311,7 +330,8 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target], trans_w:
 def _narrow(kind: str, c: TileConfig, M: int, J: int, I: int) -> TileConfig:
     if kind == "dequant":
         return c
-    bm = _pow2_clamp(M, 16, c.block_m)
+    # a 4-bit row of fewer than MMA_MIN_ROWS rows is a GEMV tile: narrowed to M's power of two
+    bm = _pow2_clamp(M, 1 if kind in GEMV_KINDS and c.block_m < MMA_MIN_ROWS else MMA_MIN_ROWS, c.block_m)
     bj = _pow2_clamp(J, 16, c.block_j)
     bi = c.block_i if kind.startswith("frozen4") else _pow2_clamp(I, 16, c.block_i)
     return replace(c, block_m=bm, block_j=bj, block_i=bi)

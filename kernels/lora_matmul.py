@@ -425,7 +425,7 @@ class _Plan:
     """Everything about one product that depends only on its specialization class (see
     :func:`_plan_key`): the configuration, the split count, the grid, the constexprs, the launch."""
 
-    __slots__ = ("launch", "cfg", "splits", "tiles", "consts", "part_shape", "ints")
+    __slots__ = ("launch", "cfg", "splits", "tiles", "consts", "part_shape", "ints", "gemv")
 
 
 _PLANS: dict = {}
@@ -496,8 +496,16 @@ def _configure(kind, M, J, I, target, is_4bit, w_elt, a_elt, skip_main, config, 
     # bytes one BLOCK_I step reads (the a tile and W's tile: half a byte per 4-bit weight), and what
     # one more program of a split writes to the fp32 partials and its last program reads back
     step_bytes = int(min(BM, M) * BI * a_elt + BI * min(BJ, J) * w_elt)
-    splits = configs.splits(cfg, tiles, I, target, step_bytes, configs.partial_bytes(min(BM, M), min(BJ, J), 1))
+    per_sm = configs.GEMV_PROGRAMS_PER_SM if is_gemv(kind, cfg) else 1
+    splits = configs.splits(cfg, tiles, I, target, step_bytes, configs.partial_bytes(min(BM, M), min(BJ, J), 1),
+                            per_sm=per_sm)
     return cfg, splits, tiles
+
+
+def is_gemv(kind: str, cfg: configs.TileConfig) -> bool:
+    """Whether a product of ``kind`` with tile ``cfg`` runs as :func:`_lora_matmul_gemv_kernel`: a 4-bit
+    frozen product with the wide decode whose tile has fewer rows than a tensor-core tile."""
+    return kind in configs.GEMV_KINDS and cfg.block_m < configs.MMA_MIN_ROWS
 
 
 def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumulate, dropout, skip_main,
@@ -521,11 +529,17 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
         BLOCK_R=max(RANK_CHUNK_MIN, min(RANK_CHUNK_MAX, _pow2(rank))), GROUP_M=GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )
+    kernel = _lora_matmul_kernel
+    if is_gemv(kind, cfg) and not skip_main:
+        # the loop over W pipelined by tl.range, the epilogue's rank loop not at all
+        kernel = _lora_matmul_gemv_kernel
+        consts.update(STAGES=cfg.num_stages, EPI_M=GEMV_EPILOGUE_M, num_stages=1)
     plan = _Plan()
     plan.cfg, plan.splits, plan.tiles, plan.consts = cfg, splits, tiles, consts
     plan.ints = None
     plan.part_shape = (splits, M, J) if splits > 1 else None
-    plan.launch = _launch.Prepared(_lora_matmul_kernel, (tiles, splits), consts,
+    plan.gemv = kernel is not _lora_matmul_kernel
+    plan.launch = _launch.Prepared(kernel, (tiles, splits), consts,
                                    a.device.index if a.device.type == "cuda" else None)
     return plan
 
@@ -733,8 +747,13 @@ def launch_together(first: Optional[Pending], second: Optional[Pending] = None, 
         if q is not None:
             dequantize_4bit(q, dq_out.dtype, out=dq_out)
         return
-    if second is None and q is None:
+    if (second is None and q is None) or first.plan.gemv or (second is not None and second.plan.gemv):
+        # a GEMV has a kernel of its own, which the merged kernel does not run: each piece alone
         first.plan.launch(*first.args)
+        if second is not None:
+            second.plan.launch(*second.args)
+        if q is not None:
+            dequantize_4bit(q, dq_out.dtype, out=dq_out)
         return
     device = first.args[0].device
     key = (first.key, None if second is None else second.key,
@@ -813,3 +832,106 @@ def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
         _launch.launch(_keep_mask_kernel, (_cdiv(M, BM), _cdiv(K, BK)), out, M, K, *args, float(p),
                        SEED_PTR=isinstance(seed, torch.Tensor), BLOCK_M=BM, BLOCK_K=BK, device=out.device)
     return out.bool()
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMV: the frozen 4-bit product at a few tokens, without the tensor cores
+# ----------------------------------------------------------------------------------------------
+
+# the row count the epilogue's LoRA term runs at (its tl.dot needs 16 rows; a GEMV tile has <= 8)
+GEMV_EPILOGUE_M = 16
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _lora_matmul_gemv_kernel(
+    a_ptr, stride_am, stride_ai, w_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    stride_wn, stride_wk, Kw, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr, stride_rj, bias_ptr,
+    out_ptr, stride_om, stride_oj, part_ptr, count_ptr, M, J, I, rank, out_scale, lora_scale,
+    seed_ptr, seed_lo, seed_hi, p, keep_scale,
+    TRANS_W: tl.constexpr, IS_4BIT: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC_OUT: tl.constexpr, DROPOUT: tl.constexpr, ROUND_BASE: tl.constexpr, COMPUTE: tl.constexpr,
+    FAST_4BIT: tl.constexpr, SWAP_AB: tl.constexpr, SPLIT: tl.constexpr, MAIN: tl.constexpr,
+    SCALE_A: tl.constexpr, SEED_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, ROUND_TERM: tl.constexpr,
+    STAGES: tl.constexpr, EPI_M: tl.constexpr,
+):
+    """The frozen product of a 4-bit W (the wide decode) at M <= BLOCK_M <= 8 rows per program: the
+    same arguments, semantics and epilogue as :func:`_lora_matmul_kernel`, but the decoded W tile
+    is multiplied on the FMA units where it lies in registers (one row of ``a`` at a time), so it
+    never goes through shared memory to a tensor-core tile that would be 16 rows of mostly padding.
+    Grid (row-block · column-block, splits); split-K sums as the GEMM does (the last program of a
+    tile adds the fp32 partials in split order). The loop over W is software-pipelined STAGES deep."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    num_j = tl.cdiv(J, BLOCK_J)
+    pid_m = pid // num_j
+    pid_j = pid % num_j
+    m0 = pid_m * BLOCK_M
+    offs_j = (pid_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
+    mask_j = offs_j < J
+    # the tile's rows, padded to the epilogue's EPI_M (rows past BLOCK_M or M are masked off)
+    rows = tl.arange(0, EPI_M)
+    offs_m = (m0 + rows).to(tl.int64)
+    mask_m = (offs_m < M) & (rows < BLOCK_M)
+    pairs = pair_table(code_ptr)
+    # accumulators laid out like the decoded W tile, so that no row's sum changes layout in the loop:
+    # forward [BLOCK_J, EPI_M] (W's rows are the outputs), backward [EPI_M, BLOCK_J]
+    if TRANS_W:
+        acc = tl.zeros((EPI_M, BLOCK_J), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_J, EPI_M), dtype=tl.float32)
+    steps_per_split = tl.cdiv(tl.cdiv(I, BLOCK_I), nsplit)
+    i_lo = pid_s * steps_per_split * BLOCK_I
+    i_hi = tl.minimum(I, i_lo + steps_per_split * BLOCK_I)
+    for i0 in tl.range(i_lo, i_hi, BLOCK_I, num_stages=STAGES):
+        offs_i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
+        mask_i = offs_i < I
+        if TRANS_W:
+            # W[i0 : i0 + BLOCK_I, columns of this tile]: [BLOCK_I, BLOCK_J]
+            t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                 offs_i, mask_i, pid_j * BLOCK_J, Kw, BLOCK_J, BLOCKSIZE, BLOCKSIZE2, NESTED)
+        else:
+            # W[rows of this tile, i0 : i0 + BLOCK_I]: [BLOCK_J, BLOCK_I]
+            t = decode_4bit_rows(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, pairs,
+                                 offs_j, mask_j, i0, Kw, BLOCK_I, BLOCKSIZE, BLOCKSIZE2, NESTED)
+        t = t.to(COMPUTE).to(tl.float32)          # the weight as the MMA (and the dequant) sees it
+        for mm in tl.static_range(BLOCK_M):
+            row_ok = mask_i & ((offs_i * 0 + m0 + mm) < M)
+            a = tl.load(a_ptr + (m0 + mm).to(tl.int64) * stride_am + offs_i * stride_ai, mask=row_ok, other=0.0)
+            if SCALE_A:
+                a = tl.where(row_ok, a.to(COMPUTE).to(tl.float32) * out_scale, 0.0)
+            a = a.to(COMPUTE).to(tl.float32)
+            if TRANS_W:
+                part = tl.sum(t * a[:, None], axis=0)                               # [BLOCK_J]
+                acc += tl.where(rows[:, None] == mm, part[None, :], 0.0)
+            else:
+                part = tl.sum(t * a[None, :], axis=1)                               # [BLOCK_J]
+                acc += tl.where(rows[None, :] == mm, part[:, None], 0.0)
+    if not TRANS_W:
+        acc = tl.trans(acc)                                                          # [EPI_M, BLOCK_J]
+    if SCALE_A:
+        out_scale = 1.0
+    if SPLIT:
+        slice_elems = (pid_s.to(tl.int64) * 0 + M) * J
+        local = offs_m[:, None] * J + offs_j[None, :]                               # int64, [EPI_M, BLOCK_J]
+        tl.store(part_ptr + pid_s * slice_elems + local, acc, mask=mask_m[:, None] & mask_j[None, :])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        last = arrived == nsplit - 1
+        mask_m = mask_m & ((offs_m * 0 + arrived) == nsplit - 1)
+        tile_mask = mask_m[:, None] & mask_j[None, :]
+        acc = tl.zeros((EPI_M, BLOCK_J), dtype=tl.float32)
+        for s in range(0, tl.where(last, nsplit, 0)):
+            acc += tl.load(part_ptr + s * slice_elems + local, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_add(count_ptr + pid, tl.where(last, -nsplit, 0))
+    seed = 0
+    if DROPOUT != 0:
+        if SEED_PTR:
+            seed = tl.load(seed_ptr)
+        else:
+            seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)
+    _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr,
+              stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
+              HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, EPI_M, BLOCK_J, BLOCK_R, ROUND_TERM)

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
-STEPS = ("layout", "install", "versions", "tests", "check", "tune", "breakdown", "host", "bench")
+STEPS = ("layout", "install", "versions", "tests", "check", "tune", "gemv", "breakdown", "host", "bench")
 
 
 def _env():
@@ -60,7 +60,7 @@ def test_dry_run_writes_a_summary_with_every_step(tmp_path):
     assert "collect-only:" in rows["tests"][4] and "tests collected" in rows["tests"][4], rows["tests"]
     files = sorted(p.name for p in out.iterdir())
     assert set(files) <= {"summary.md", "setup.log", "tests.log", "tests.xml", "check.log", "check.jsonl",
-                          "tune.log", "breakdown.log", "host_breakdown.jsonl", "host.log", "host.jsonl", "bench.log",
+                          "tune.log", "gemv.log", "breakdown.log", "host_breakdown.jsonl", "host.log", "host.jsonl", "bench.log",
                           "layer.jsonl"}, files
     assert "candidates in all" in (out / "tune.log").read_text()
     # --tar: the folder packed, with summary.md beside it (what a GPU machine's $OUT gets: two files)
@@ -87,3 +87,20 @@ def test_host_breakdown_dry_run_writes_its_records(tmp_path):
         assert want in names, sorted(names)
     assert any(g == "launch" for g, _ in names)
     assert all(0 < r["metrics"]["host_us_min"] <= r["metrics"]["host_us_median"] for r in recs)
+
+
+def test_bench_gemv_dry_run_writes_its_records(tmp_path):
+    """``python -m benchmarks.bench_gemv --dry``: every provider of the GPU step runs on the CPU
+    (interpreter, a small shape; bitsandbytes' own may not run there), fastlora's outputs agree with
+    dequantize + matmul, and each (shape, direction, M) lands in gemv.jsonl."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_gemv", "--dry", "--m", "1,3", "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "gemv.jsonl").read_text().splitlines()]
+    assert sorted((r["config"]["direction"], r["config"]["M"]) for r in recs) == [("Y", 1), ("Y", 3), ("dX", 1),
+                                                                                   ("dX", 3)]
+    for r in recs:
+        assert r["bench"] == "gemv" and not r["performance_claim"]
+        for name in ("gemv", "mma16", "table", "dequant-cublas", "bf16-floor"):
+            assert r["metrics"]["us"][name] > 0, (name, r["metrics"])
