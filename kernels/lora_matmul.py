@@ -534,6 +534,8 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
         # the loop over W pipelined by tl.range, the epilogue's rank loop not at all
         kernel = _lora_matmul_gemv_kernel
         consts.update(STAGES=cfg.num_stages, EPI_M=GEMV_EPILOGUE_M, num_stages=1)
+        if GEMV_MAXNREG:
+            consts["maxnreg"] = GEMV_MAXNREG
     plan = _Plan()
     plan.cfg, plan.splits, plan.tiles, plan.consts = cfg, splits, tiles, consts
     plan.ints = None
@@ -840,6 +842,9 @@ def dropout_keep_mask(M: int, K: int, p: float, seed, device) -> torch.Tensor:
 
 # the row count the epilogue's LoRA term runs at (its tl.dot needs 16 rows; a GEMV tile has <= 8)
 GEMV_EPILOGUE_M = 16
+# the GEMV's register budget per thread, stated to ptxas: left to itself it held fp16's dY·W at M = 1
+# to 72 registers and kept 8 B on the stack on sm_86 (as with the merged kernel, MERGED_MAXNREG)
+GEMV_MAXNREG = 255
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
