@@ -5,9 +5,9 @@
 For each Llama-3-8B projection (NF4, double quant, blocksize 64, a Gaussian weight quantized by
 bitsandbytes), each M and each direction (forward Y = X·Wᵀ, backward dX = dY·W), bf16:
 
-- ``gemv``: fastlora's GEMV kernel (the table's GEMV row, ``configs.GEMV_ROW``, narrowed to M);
-- ``mma16``: fastlora's tensor-core kernel with the family's M <= 16 row (the tile M <= 8 ran before
-  the GEMV row existed);
+- ``gemv``: fastlora's GEMV kernel (the tile of the table's GEMV row, ``configs.GEMV_ROW``, with up to
+  8 rows a program);
+- ``mma16``: fastlora's tensor-core kernel with the family's M <= 16 row;
 - ``table``: what ``lora_matmul`` runs for this M with no override (the family table's pick);
 - ``dequant-cublas``: fastlora's dequant kernel into a bf16 W, then ``torch.mm``;
 - ``bnb``: bitsandbytes' own: ``bnb.matmul_4bit`` forward (its ``gemv_4bit`` kernel at M = 1 in
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -90,7 +91,8 @@ def _providers(q, packed, qs, wd, trans: bool, M: int, target):
     provs = {}
     if target is not None:
         fam = configs.family(target)
-        provs["gemv"] = fused(configs.GEMV_ROW[1])
+        # the GEMV row's tile, up to 8 rows a program (the row itself is for M = 1)
+        provs["gemv"] = fused(replace(configs.GEMV_ROW[1], block_m=8))
         provs["mma16"] = fused(next(c for m, c in configs.TABLES[fam]["frozen4"] if c.block_m >= configs.MMA_MIN_ROWS))
     else:   # the interpreter: a small GEMV tile and the interpreter's own
         provs["gemv"] = fused(configs.TileConfig(8, 32, 64, 4, 2, 4))
@@ -98,7 +100,7 @@ def _providers(q, packed, qs, wd, trans: bool, M: int, target):
     if target is not None and M in VARIANT_M:
         for cfg in GEMV_VARIANTS:
             provs[f"gemv {cfg.block_j}x{cfg.block_i} w{cfg.num_warps} s{cfg.num_stages} k{cfg.split}"] = fused(cfg)
-        provs["gemv no-maxnreg"] = no_budget(fused(configs.GEMV_ROW[1]))
+        provs["gemv no-maxnreg"] = no_budget(fused(replace(configs.GEMV_ROW[1], block_m=8)))
     provs["table"] = fused(None)
     provs["dequant-cublas"] = dequant_cublas
     provs["bnb"] = bnb_own

@@ -414,17 +414,18 @@ def _narrowed(kind: str, cfg: TileConfig, M: int, J: int, I: int, target) -> Til
         return configs.select(kind, M, J, I, target)
 
 
-def _table_row(kind: str, M: int, target) -> TileConfig:
+def _table_row(kind: str, M: int, target, trans_w: Optional[bool]) -> TileConfig:
     if target is None:   # the interpreter's tiles (configs.select without a target)
         return configs.INTERPRETER
-    return next(cfg for max_m, cfg in configs.TABLES[configs.family(target)][kind] if M <= max_m)
+    return configs.table_row(kind, M, target, trans_w)
 
 
-def candidates(kind: str, M: int, J: int, I: int, target, max_alternatives: int = MAX_ALTERNATIVES
-               ) -> List[Candidate]:
-    """dequant, the table's fused tile, then up to ``max_alternatives`` other fused tiles (see the
-    module docstring), each as ``configs.select`` would narrow it to the problem."""
-    row = _table_row(kind, M, target)
+def candidates(kind: str, M: int, J: int, I: int, target, max_alternatives: int = MAX_ALTERNATIVES,
+               trans_w: Optional[bool] = None) -> List[Candidate]:
+    """dequant, the table's fused tile (for the product's direction: ``trans_w`` True is dY·W), then
+    up to ``max_alternatives`` other fused tiles (see the module docstring), each as
+    ``configs.select`` would narrow it to the problem."""
+    row = _table_row(kind, M, target, trans_w)
     out = [Candidate("dequant"), Candidate("fused", _narrowed(kind, row, M, J, I, target), "table")]
     if target is None or max_alternatives <= 0:
         return out
@@ -733,7 +734,7 @@ def tune(problem: Problem, target=None, *, timer: Optional[Timer] = None, budget
          max_alternatives: int = MAX_ALTERNATIVES, make_runner=PhaseRunner) -> dict:
     """Measure the candidates of ``problem`` and return its entry (what the cache stores)."""
     J, I = product_dims(problem.phase, problem.N, problem.K)
-    cands = candidates(problem.kind, problem.M, J, I, target, max_alternatives)
+    cands = candidates(problem.kind, problem.M, J, I, target, max_alternatives, problem.phase == "backward")
     t0 = time.perf_counter()
     results = measure(problem, cands, target, timer=timer, budget_s=budget_s, make_runner=make_runner)
     seconds = time.perf_counter() - t0
@@ -1020,7 +1021,8 @@ def verify(problem: Problem, entry: dict, *, timer: Optional[Timer] = None, budg
     within 5% of the best, measured again."""
     target = _target(problem.device)
     J, I = product_dims(problem.phase, problem.N, problem.K)
-    by_name = {c.name: c for c in candidates(problem.kind, problem.M, J, I, target)}
+    by_name = {c.name: c for c in candidates(problem.kind, problem.M, J, I, target,
+                                             trans_w=problem.phase == "backward")}
     names = [n for n, us in entry["us"].items() if us is not None and n in by_name]
     again = {c.name: t for c, t, _ in measure(problem, [by_name[n] for n in names], target, timer=timer,
                                              budget_s=budget_s) if t is not None}
@@ -1135,7 +1137,7 @@ def _dry_run(shapes, Ms, arch: str, phases) -> str:
         for M in Ms:
             for phase in phases:
                 J, I = product_dims(phase, N, K)
-                cands = candidates("frozen4", configs.m_bucket(M), J, I, target)
+                cands = candidates("frozen4", configs.m_bucket(M), J, I, target, trans_w=phase == "backward")
                 total += len(cands)
                 lines.append(f"{names + ' ' + str(N) + 'x' + str(K):28s} {phase:8s} {configs.m_bucket(M):6d}  "
                              + ", ".join(c.name for c in cands))

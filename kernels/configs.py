@@ -181,11 +181,14 @@ GEMV_KINDS = ("frozen4", "frozen4_lora32")
 # the resident programs per SM a GEMV's split count plans for (its programs are 4 warps and small:
 # one per SM, as the tensor-core tiles plan, would leave most of an SM's loads unissued)
 GEMV_PROGRAMS_PER_SM = 4
-# the GEMV row, first in every family's 4-bit tables but sm_75's: M <= 8 as 8 x 64 x 64 (narrowed to
-# M's power of two), 4 warps, its loop over W 3 stages deep, split-K up to 32 ways. A W tile of 64 x 64
-# is 2 KB of packed bytes a step and 32 weights per thread, the same tile for X·Wᵀ (64 of W's rows)
-# and dY·W (64 of its columns)
-GEMV_ROW = (8, _C(8, 64, 64, 4, 3, 32))
+# the GEMV row, first in every family's 4-bit tables but sm_75's, for X·Wᵀ only (dY·W takes the next
+# row): M = 1 as 1 x 64 x 64, 4 warps, no pipelining, split-K up to 32 ways (2 KB of packed bytes a
+# step, 32 weights per thread). Measured on the H200 (benchmarks/results/nvidia-h200/run5/, Triton 3.6,
+# the product alone, GPU time): at M = 1, X·Wᵀ took 0.55-0.9x the M <= 16 tensor-core row's time over
+# the four Llama-3-8B projections; at M = 4 and 8 it took 1.1-1.5x, and dY·W 1.1-1.4x at M = 1 and
+# 3-6x at M = 8 (its reduction runs across warps, one shared-memory round trip per row of dY a step).
+# Other families: not measured; the tuner (fastlora.tuning) measures this row against the others
+GEMV_ROW = (1, _C(1, 64, 64, 4, 1, 32))
 for _family, _table in TABLES.items():
     if _family != "sm_75":
         for _kind in GEMV_KINDS:
@@ -323,8 +326,16 @@ def select(kind: str, M: int, J: int, I: int, target: Optional[Target], trans_w:
             return _C(1, 4096, 1, 4, 1)
         return _C(_pow2_clamp(M, 16, c.block_m), _pow2_clamp(J, 16, c.block_j), _pow2_clamp(I, 16, c.block_i),
                   c.num_warps, c.num_stages)
-    rows = TABLES[family(target)][kind]
-    return _narrow(kind, next(cfg for max_m, cfg in rows if M <= max_m), M, J, I)
+    return _narrow(kind, table_row(kind, M, target, trans_w), M, J, I)
+
+
+def table_row(kind: str, M: int, target: Target, trans_w: Optional[bool] = None) -> TileConfig:
+    """The family table's row for M, as written (not narrowed): the first whose max_m is at least M,
+    a GEMV row only for X·Wᵀ (``trans_w`` not True; see GEMV_ROW)."""
+    for max_m, cfg in TABLES[family(target)][kind]:
+        if M <= max_m and not (trans_w is True and kind in GEMV_KINDS and cfg.block_m < MMA_MIN_ROWS):
+            return cfg
+    raise ValueError(f"no row of {family(target)}'s {kind!r} table for M = {M}")
 
 
 def _narrow(kind: str, c: TileConfig, M: int, J: int, I: int) -> TileConfig:

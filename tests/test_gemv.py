@@ -70,12 +70,29 @@ def test_gemv_layer_every_gradient(M, xdtype, adtype, p, tile):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the tables apply to GPU targets (the interpreter's tiles are 16 rows)")
-@pytest.mark.parametrize("M", [1, 2, 8, 9])
-def test_gemv_is_the_tables_pick_up_to_8_tokens(M):
-    """On a GPU the family table runs M <= 8 on the GEMV and M > 8 on the tensor cores; the layer's
-    output and every gradient are right either way (Llama's 4096-wide rows, 1024 outputs)."""
+@pytest.mark.parametrize("M", [1, 2, 9])
+def test_gemv_is_the_tables_pick_for_one_token_forward(M, monkeypatch):
+    """On a GPU (no measured choices) the family table runs X·Wᵀ at M = 1 on the GEMV, and dY·W and
+    every other M on the tensor cores; the layer's output and every gradient are right either way
+    (Llama's 4096-wide rows, 1024 outputs)."""
+    monkeypatch.setattr(configs, "_TUNED", {})
     _case(M, 4096, 1024, 16, p=0.05, strategy="fused")
-    assert _gemv_plans() == (2 if M <= 8 else 0)
+    assert _gemv_plans() == (1 if M == 1 else 0)
+
+
+def test_table_row_gemv_for_forward_only():
+    """The GEMV row is X·Wᵀ's at M = 1 in every family but sm_75; dY·W at M = 1 gets the next row."""
+    from fastlora.kernels.targets import get_target
+
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"):
+        t = get_target(arch)
+        for kind in configs.GEMV_KINDS:
+            fwd = configs.select(kind, 1, 4096, 4096, t, trans_w=False)
+            bwd = configs.select(kind, 1, 4096, 4096, t, trans_w=True)
+            assert lm.is_gemv(kind, fwd) and not lm.is_gemv(kind, bwd), (arch, kind, fwd, bwd)
+            assert not lm.is_gemv(kind, configs.select(kind, 2, 4096, 4096, t, trans_w=False)), (arch, kind)
+    t = get_target("sm_75")
+    assert not lm.is_gemv("frozen4", configs.select("frozen4", 1, 4096, 4096, t, trans_w=False))
 
 
 def test_gemv_tile_narrows_to_m():
