@@ -18,6 +18,9 @@ Kinds of product (see ``lora_matmul.py`` for the products themselves):
                 16-bit adapters): the tile is narrowed to the rank on its small side, so the big
                 side is what fills an SM; split-K fills the GPU
     epilogue    the LoRA term + bias + mask on an output cuBLAS already holds (no main loop)
+
+A frozen4 row whose tile has fewer than 16 rows (``GEMV_ROW``) runs ``lora_matmul._lora_matmul_gemv_kernel``:
+the decoded W multiplied on the FMA units, no tensor-core tile of padding rows.
     dequant     W [N, K] from 4 bits (``quant4.dequantize_4bit``): BLOCK elements per program
 
 Families: ``sm_90`` (Hopper, 227 KB shared memory per block), ``sm_100`` (datacenter Blackwell: B200,

@@ -154,7 +154,8 @@ def test_every_launch_compiles_fits_and_does_not_spill(matrix, target):
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_tile_products_use_tensor_cores(matrix, target):
     """Where a kernel multiplies bf16/fp16 tiles of 16×16 or more, its main loop holds tensor-core
-    instructions (HMMA, or HGMMA on sm_90): the frozen product's (the one with the 4-bit decode), and
+    instructions (HMMA, or HGMMA on sm_90): the frozen product's (the one with the 4-bit decode; the
+    GEMV that runs X·Wᵀ at M = 1 none, its 1-row tile is FMA work), and
     the adapter products H, G, dA, dB under autocast (PEFT runs them in the autocast dtype). With fp32
     adapters and no autocast they run in fp32 with IEEE precision, which tensor cores do not compute:
     FMA work by design, and none of those loops may hold a tensor-core instruction."""
@@ -175,6 +176,8 @@ def test_tile_products_use_tensor_cores(matrix, target):
             for L in M_.parts or [M_]:
                 _check_tensor_cores(r, L, fp32_exact, n_adapter, bad)
     assert n_adapter["autocast"] and n_adapter["fp32"], n_adapter
+    # X·Wᵀ at M = 1 runs the GEMV in every family but sm_75's
+    assert bool(n_adapter.get("gemv")) == (target != "sm_75"), n_adapter
     if not fp32_exact:
         assert n_adapter.get("fp32_on_tensor_cores"), ("the fp32_products rule says this Triton puts fp32 "
                                                        "adapter products on tensor cores here; it does not")
@@ -183,7 +186,13 @@ def test_tile_products_use_tensor_cores(matrix, target):
 
 def _check_tensor_cores(r, L, fp32_exact, n_adapter, bad):
     """One product (a launch, or a segment of a merged one) of test_tile_products_use_tensor_cores."""
-    if L.label in ("Y", "dX"):
+    if L.label in ("Y", "dX") and "gemv" in L.kernel:
+        # the GEMV (a tile of fewer than 16 rows: X·Wᵀ at M = 1): its main loop is FMA work by design
+        n_adapter["gemv"] = n_adapter.get("gemv", 0) + 1
+        assert L.label == "Y" and r.call.M == 1 and L.config["BLOCK_M"] < 16, (r.call, L.label, L.config)
+        if L.facts.mma_in_loop:
+            bad.append(f"{_where(r, L)}: tensor-core instructions in the GEMV's main loop")
+    elif L.label in ("Y", "dX"):
         assert L.config["BLOCK_J"] >= 16 and L.config["BLOCK_I"] >= 16
         if L.facts.mma_in_loop == 0:
             bad.append(f"{_where(r, L)}: no tensor-core instruction in the main loop ({L.facts.loop_found})")
@@ -412,8 +421,10 @@ def test_select_narrows_to_the_problem():
     t = TARGETS["sm_90"]
     c = configs.select("lora", 4096, 16, 4096, t)
     assert c.block_j == 16
-    c = configs.select("frozen4", 1, 4096, 4096, t)
-    assert c.block_m == 16
+    c = configs.select("frozen4", 1, 4096, 4096, t, trans_w=True)
+    assert c.block_m == 16                         # a tensor-core tile: never below 16 rows
+    assert configs.select("frozen4", 1, 4096, 4096, t).block_m == 1     # the GEMV row (X·Wᵀ, M = 1)
+    assert configs.select("frozen4", 2, 4096, 4096, t).block_m == 16
     assert configs.select("frozen4", 4096, 4096, 4096, t).block_m > 16
     with pytest.raises(ValueError, match="unknown kind"):
         configs.select("nope", 1, 1, 1, t)
