@@ -7,7 +7,8 @@ bitsandbytes), each M and each direction (forward Y = X·Wᵀ, backward dX = dY�
 
 - ``gemv``: fastlora's GEMV kernel (the tile of the table's GEMV row, ``configs.GEMV_ROW``, with up to
   8 rows a program);
-- ``mma16``: fastlora's tensor-core kernel with the family's M <= 16 row;
+- ``mma16``: fastlora's tensor-core kernel with the family's M <= 16 row (its decode: the nibble
+  table, ``quant4.decode_nibbles``); ``mma16 pair``: the same tile with the pair table;
 - ``table``: what ``lora_matmul`` runs for this M with no override (the family table's pick);
 - ``dequant-cublas``: fastlora's dequant kernel into a bf16 W, then ``torch.mm``;
 - ``bnb``: bitsandbytes' own: ``bnb.matmul_4bit`` forward (its ``gemv_4bit`` kernel at M = 1 in
@@ -93,10 +94,14 @@ def _providers(q, packed, qs, wd, trans: bool, M: int, target):
         fam = configs.family(target)
         # the GEMV row's tile, up to 8 rows a program (the row itself is for M = 1)
         provs["gemv"] = fused(replace(configs.GEMV_ROW[1], block_m=8))
-        provs["mma16"] = fused(next(c for m, c in configs.TABLES[fam]["frozen4"] if c.block_m >= configs.MMA_MIN_ROWS))
+        mma16 = next(c for m, c in configs.TABLES[fam]["frozen4"] if c.block_m >= configs.MMA_MIN_ROWS)
+        provs["mma16"] = fused(mma16)
+        # the same tile with the other decode table (the row's own: the nibble table)
+        provs["mma16 pair" if mma16.nibbles else "mma16 nibble"] = fused(replace(mma16, nibbles=not mma16.nibbles))
     else:   # the interpreter: a small GEMV tile and the interpreter's own
         provs["gemv"] = fused(configs.TileConfig(8, 32, 64, 4, 2, 4))
-        provs["mma16"] = fused(configs.TileConfig(16, 32, 64, 4, 1, 4))
+        provs["mma16"] = fused(configs.TileConfig(16, 32, 64, 4, 1, 4, nibbles=True))
+        provs["mma16 pair"] = fused(configs.TileConfig(16, 32, 64, 4, 1, 4))
     if target is not None and M in VARIANT_M:
         for cfg in GEMV_VARIANTS:
             provs[f"gemv {cfg.block_j}x{cfg.block_i} w{cfg.num_warps} s{cfg.num_stages} k{cfg.split}"] = fused(cfg)

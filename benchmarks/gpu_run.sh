@@ -109,6 +109,7 @@ GPU_TESTS=(
     tests/test_check.py::test_speed_rows_and_table
     tests/test_device_guard.py::test_launchers_name_their_tensors_device
     tests/test_gemv.py
+    tests/test_nibble_decode.py
     tests/test_lora_linear.py::test_tokens
     tests/test_lora_linear.py::test_dropout_and_bias
 )

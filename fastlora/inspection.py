@@ -15,8 +15,10 @@ inference) and a GPU target, this module
    (``cuobjdump -sass``): tensor-core instructions (HMMA / HGMMA), global-load widths, and the main
    loop — found as the backward branch whose body holds the most tensor-core instructions (the
    longest body when none holds any) — with its instructions per decoded weight element;
-4. **models** the time of each launch: the larger of instruction issue, DRAM bytes / bandwidth and
-   tensor-core work, the first and last counted in whole programs on the busiest SM (whole waves),
+4. **models** the time of each launch: the largest of instruction issue (or the busiest execution
+   pipe), DRAM bytes / bandwidth, tensor-core work, shared-memory wavefronts (the 4-bit decode's
+   table reads with their bank conflicts over real NF4 bytes) and DRAM latency not covered by loads
+   in flight (``fastlora.sm_model``), the per-SM terms counted in whole programs on the busiest SM,
    plus the split-K sum pass as a serial tail and a fixed per-launch latency; and the kernels PyTorch
    launches inside the call (cuBLAS GEMMs, elementwise ops), seen by a dispatch mode while the call is
    recorded, at their floor plus the same latency. Next to it the physical floor of the same call,
@@ -36,6 +38,13 @@ The formulas (per launch; all figures of a target come from ``kernels.targets.TA
                     tile's last one skips (the sum's instructions are in the sum tail)
     issue time    = per SM · warps · instr/program / (min(4, warps·min(resident, per SM)) · clock)
                                                                           (one warp-instr per scheduler-clock)
+                    where a loop trip's instructions are replaced by its busiest pipe's clocks when
+                    more (sm_model.loop_cycles: the ALU and IMAD at half rate, conversions at 1/8)
+    shared time   = per SM · warps · (wavefronts per trip · trips + outside the loop) / clock: one
+                    wavefront per clock per SM; every shared access conflict-free except the decode's
+                    table reads, each at its simulated wavefronts (sm_model.gather_wavefronts: the
+                    compiled index layout's lanes reading a Gaussian weight's NF4 bytes)
+    latency time  = ceil(per SM / resident) · trips · DRAM_LATENCY_CYCLES / max(1, stages - 1) / clock
     bytes         = every operand read once and the output written once (re-reads across programs
                     assumed to hit L2): A M·I·e, W J·I·e (4-bit: J·I/2 + absmax), out M·J·e
                     (twice when accumulated), LoRA factors, bias; split-K: the fp32 partials,
@@ -60,8 +69,8 @@ The formulas (per launch; all figures of a target come from ``kernels.targets.TA
                     ceil(tail tiles / SMs)) · clock), instr/trip = e + e/2 + 2·e/v + 2 per thread (e = BLOCK_M·BLOCK_J
                     / (32·warps) fp32 elements: the adds, the zero fills of the masked loads (two
                     registers per CS2R), the v-wide loads (v = min(4, e)) with their addresses, the loop)
-    launch time   = max(issue, DRAM time of all but the tail's read-back, tensor time) + sum tail
-                    + KERNEL_LATENCY_US
+    launch time   = max(issue, DRAM time of all but the tail's read-back, tensor time, shared time,
+                    latency time) + sum tail + KERNEL_LATENCY_US
     floor         = max(bytes / bandwidth, FLOPs / peak), peak = tensor peak of the compute dtype
                     (fp32 FMA peak for fp32 products)
 
@@ -88,11 +97,13 @@ launch (the gap between dependent launches, which a CUDA graph removes) to the m
 
 What the model leaves out:
 
-- latency other than its two named terms (KERNEL_LATENCY_US per launch, the sum tail's L2 round
-  trips): the main loop's pipeline fill, memory and dependency stalls, barrier waits, bank conflicts;
+- latency other than its named terms (KERNEL_LATENCY_US per launch, the sum tail's L2 round trips,
+  the main loop's DRAM latency): the pipeline fill, dependency stalls, barrier waits; bank conflicts
+  other than the decode's table reads (the rest is assumed conflict-free: Triton swizzles its tiles);
 - caches: re-reads across programs are assumed to hit L2 and cost nothing, L2 capacity misses are
   not modelled, and the split-K partials count as DRAM traffic though they mostly stay in L2;
-- a per-SM bandwidth limit: a grid with few programs is assumed to draw the whole DRAM bandwidth;
+- a per-SM bandwidth limit beyond the latency term: a grid with few programs is assumed to draw the
+  whole DRAM bandwidth when it has enough loads in flight;
 - clock changes (power and thermal limits): every rate is the table's;
 - the inside of cuBLAS: its GEMMs at their floor, without tiles, waves or split-K;
 - overlap between kernels: each launch's time is added to the last;
@@ -115,9 +126,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import sm_model
 from .kernels import _launch, configs
-from .kernels.quant4 import Packed4bit
+from .kernels.quant4 import NIBBLE_STRIDE, Packed4bit
 from .kernels.targets import DEFAULT_TARGETS, TARGETS, Target, get_target
+
+_NIBBLE_STRIDE = int(getattr(NIBBLE_STRIDE, "value", NIBBLE_STRIDE))   # entry 33·c holds code[c]
 
 #: Llama-3-8B's projections as (N, K) = (out_features, in_features)
 LLAMA3_8B_SHAPES = {
@@ -351,6 +365,19 @@ class KernelFacts:
     loop_instructions: int = 0
     loop_found: str = ""
     ptx_fma: int = 0     # fp32 fused multiply-adds in the PTX (none where fp fusion is off and no dot runs on FMA)
+    # the main loop per warp and trip: instructions by pipe (sm_model.PIPES), conflict-free
+    # shared-memory wavefronts; outside the loop: the latter
+    loop_pipes: Dict[str, int] = field(default_factory=dict)
+    loop_smem: float = 0.0
+    other_smem: float = 0.0
+    # the 4-bit decode's table gather (tt.gather): table reads per thread and trip when it is in
+    # the main loop (0 otherwise), bytes per entry, elements per program, the index layout (TTGIR)
+    gather_lds: int = 0
+    gather_in_loop: bool = False
+    gather_entry_bytes: int = 0
+    gather_table: int = 0          # table entries: 256 (the pair table) or 512 (the nibble table)
+    gather_numel: int = 0
+    gather_layout: str = ""
 
 
 _FACTS_CACHE: Dict[tuple, KernelFacts] = {}
@@ -396,7 +423,24 @@ def kernel_facts(launch: _launch.Launch, target) -> KernelFacts:
         how = (f"backward BRA at {hi:#x} to {lo:#x}: the loop body with the most tensor-core instructions "
                f"({loop_mma})" if loop_mma else f"backward BRA at {hi:#x} to {lo:#x}: the longest loop body "
                                                  "(no tensor-core instructions in any loop)")
+    lo, hi = (loops and best[2:]) or (1, 0)
+    in_loop = [(op, rest) for a, op, rest in sass.instructions if lo <= a <= hi]
+    loop_smem = sum(sm_model.smem_wavefronts(op, rest) for op, rest in in_loop)
+    gather = sm_model.find_gather(ck.asm.get("ttgir", ""))
+    gather_lds, gather_in_loop = 0, False
+    if gather is not None:   # its reads: in the main loop, or (a kernel without one) anywhere
+        per_thread = gather.numel // (32 * int(md.num_warps))
+        where = in_loop if loops else [(op, rest) for _, op, rest in sass.instructions]
+        reads = sum(1 for op, _ in where if op.startswith("LDS") and
+                    sm_model.smem_wavefronts(op) * 4 == gather.entry_bytes)
+        gather_lds = per_thread if reads >= per_thread else 0
+        gather_in_loop = bool(loops) and gather_lds > 0
     facts = KernelFacts(
+        loop_pipes=sm_model.count_pipes([op for op, _ in in_loop]), loop_smem=loop_smem,
+        other_smem=sum(sm_model.smem_wavefronts(op, rest) for _, op, rest in sass.instructions) - loop_smem,
+        gather_lds=gather_lds, gather_in_loop=gather_in_loop, gather_entry_bytes=gather.entry_bytes if gather else 0,
+        gather_table=gather.table if gather else 0,
+        gather_numel=gather.numel if gather else 0, gather_layout=gather.layout if gather else "",
         compiled=True, shared=int(md.shared), registers=regs, stack=stack, local=local,
         num_warps=int(md.num_warps), num_stages=int(md.num_stages), sass_instructions=len(sass.instructions),
         mma=sass.count(is_mma), mma_in_loop=loop_mma, ldg_widths=dict(sorted(widths.items())),
@@ -538,6 +582,14 @@ class LaunchReport:
     sum_instructions: float = 0.0        # per thread, one tile's whole sum (splits × per trip)
     sum_tail_bytes: int = 0              # the partials read back in the sum tail (the last wave's tiles)
     latency_us: float = 0.0              # KERNEL_LATENCY_US
+    pipe: str = "issue"                  # what binds a main-loop trip: the issue or a pipe (sm_model)
+    bound: str = ""                      # the largest term: the issue or a pipe, dram, tensor, smem, latency
+    smem_us: float = 0.0                 # shared-memory wavefronts of the busiest SM at one per clock
+    dram_latency_us: float = 0.0         # Little's law: trips waiting out DRAM latency (sm_model)
+    gather_wavefronts: Optional[float] = None       # per warp-wide table read, real NF4 bytes
+    gather_wavefronts_free: Optional[float] = None  # the same read without bank conflicts
+    smem_per_weight: Optional[float] = None         # main-loop wavefronts per decoded weight
+    smem_per_weight_free: Optional[float] = None    # the same, every access conflict-free
     # a merged launch: each segment modelled as the launch of its own it would otherwise be (with
     # the facts of that kernel compiled alone); the launch's own facts are ``facts``
     parts: List["LaunchReport"] = field(default_factory=list)
@@ -566,14 +618,18 @@ def _merged_report(launch: _launch.Launch, t: Target, f: KernelFacts, parts: Lis
         waves=-(-programs // (max(1, occ) * t.sms)), per_sm=-(-programs // t.sms),
         sum_us=sum(P.sum_us for P in parts), sum_instructions=sum(P.sum_instructions for P in parts),
         sum_tail_bytes=sum(P.sum_tail_bytes for P in parts), latency_us=latency, parts=parts,
+        smem_us=sum(P.smem_us for P in parts), dram_latency_us=sum(P.dram_latency_us for P in parts),
     )
 
 
-def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None) -> LaunchReport:
+def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None, sm_terms: bool = True) -> LaunchReport:
     """One launch's model; a merged launch (``launch.parts``) takes ``part_facts``: the facts of
-    each segment compiled as a launch of its own (without them, the merged kernel's own for each)."""
+    each segment compiled as a launch of its own (without them, the merged kernel's own for each).
+    ``sm_terms=False`` leaves out the pipes, shared memory and DRAM latency (``sm_model``): the model
+    as it was without them, for comparing the two against measurements."""
     if launch.parts:
-        parts = [model_launch(P, c, t, pf) for P, pf in zip(launch.parts, part_facts or [f] * len(launch.parts))]
+        parts = [model_launch(P, c, t, pf, sm_terms=sm_terms)
+                 for P, pf in zip(launch.parts, part_facts or [f] * len(launch.parts))]
         return _merged_report(launch, t, f, parts)
     flops, byts, decoded, trips, compute = _launch_work(launch, c)
     kw = launch.kwargs
@@ -589,9 +645,23 @@ def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None)
     other = max(0, f.sass_instructions - f.loop_instructions)
     if sp is not None:   # the sum loop's code: only a tile's last program runs it (in the sum tail)
         other = max(0, other - SUM_CODE_TRIPS * sp.instr_per_trip)
-    instr_pp = other + f.loop_instructions * trips if matmul else f.sass_instructions
+    # a trip costs a warp its instructions or, where more, its busiest pipe's clocks (sm_model)
+    loop_cyc, pipe = (sm_model.loop_cycles(f.loop_instructions, f.loop_pipes, t) if f.loop_pipes and sm_terms
+                      else (float(f.loop_instructions), "issue"))
+    instr_pp = other + loop_cyc * trips if matmul else f.sass_instructions
     sched = min(t.schedulers_per_sm, warps * max(1, min(occ or 1, per_sm)))
     issue = per_sm * warps * instr_pp / (sched * clock)
+    # shared memory: one wavefront per clock per SM; the decode's table reads at their wavefronts
+    # over real NF4 bytes (bank conflicts), every other access conflict-free
+    gw = _gather_wavefronts(f, kw) if f.gather_lds else None
+    free = sm_model.conflict_free_wavefronts(f.gather_entry_bytes) if gw is not None else None
+    conflicts = f.gather_lds * (gw - free) if gw is not None else 0.0
+    smem_trip = f.loop_smem + (conflicts if f.gather_in_loop else 0.0)
+    other_smem = max(0.0, f.other_smem) + (0.0 if f.gather_in_loop else conflicts)
+    smem = per_sm * warps * (smem_trip * (trips if matmul else 0) + other_smem) / clock if sm_terms else 0.0
+    stages = int(kw.get("STAGES", f.num_stages or kw.get("num_stages", 1)) or 1)
+    mem_lat = (sm_model.latency_bound_s(trips, per_sm, occ, stages, clock)
+               if matmul and f.compiled and sm_terms else 0.0)
     dram = byts / bw
     peak = t.tensor_tflops(compute) if compute is not None else None
     tensor = 0.0
@@ -626,8 +696,11 @@ def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None)
     floor_peak = (peak if peak else t.fp32_tflops) * 1e12
     floor = max(dram, flops / floor_peak)
     ipw = None
+    spw = spw_free = None
     if decoded and f.loop_instructions and matmul:
         ipw = f.loop_instructions * warps * 32 / (kw["BLOCK_I"] * kw["BLOCK_J"])
+        spw = smem_trip * warps / (kw["BLOCK_I"] * kw["BLOCK_J"])
+        spw_free = f.loop_smem * warps / (kw["BLOCK_I"] * kw["BLOCK_J"])
     elif decoded and "dequant" in launch.name:
         ipw = f.sass_instructions * warps * 32 / kw["BLOCK"]
     cfg = {k: kw[k] for k in ("BLOCK_M", "BLOCK_J", "BLOCK_I", "BLOCK", "num_warps", "num_stages") if k in kw}
@@ -637,10 +710,43 @@ def model_launch(launch: _launch.Launch, c: Call, t: Target, f, part_facts=None)
         config=cfg, facts=f, fits=f.compiled and f.shared <= t.smem_per_block and f.stack == 0 and f.local == 0,
         smem_limit=t.smem_per_block, resident_per_sm=occ, flops=flops, bytes=byts, instr_per_weight=ipw,
         issue_us=issue * 1e6, dram_us=dram * 1e6, tensor_us=tensor * 1e6,
-        model_us=(max(issue, main_dram, tensor) + tail + latency) * 1e6, floor_us=floor * 1e6,
+        model_us=(max(issue, main_dram, tensor, smem, mem_lat) + tail + latency) * 1e6, floor_us=floor * 1e6,
         waves=waves, per_sm=per_sm, sum_us=tail * 1e6, sum_tail_bytes=tail_bytes,
         sum_instructions=sp.splits * sp.instr_per_trip if sp is not None else 0.0, latency_us=latency * 1e6,
+        pipe=pipe, bound=max({pipe: issue, "dram": main_dram, "tensor": tensor, "smem": smem, "latency": mem_lat}.items(),
+                             key=lambda kv: kv[1])[0] if f.compiled else "",
+        smem_us=smem * 1e6, dram_latency_us=mem_lat * 1e6, gather_wavefronts=gw,
+        gather_wavefronts_free=free, smem_per_weight=spw, smem_per_weight_free=spw_free,
     )
+
+
+_GATHER_CACHE: Dict[tuple, float] = {}
+
+
+def _gather_wavefronts(f: KernelFacts, kw: dict) -> Optional[float]:
+    """Wavefronts of one warp-wide table read of the decode, over real NF4 bytes (sm_model), the
+    W tile's bytes [rows of W, columns / 2] read in the compiled index layout; None if the layout
+    cannot be read."""
+    # the nibble table (quant4.decode_nibbles) reads a nibble per index element, at entry 33·c
+    nibbles = f.gather_table == 512 and f.gather_entry_bytes == 4
+    per = 1 if nibbles else 2                # weights per index element
+    if "BLOCK_J" in kw:
+        rows, cols = ((kw["BLOCK_I"], kw["BLOCK_J"] // per) if kw.get("TRANS_W")
+                      else (kw["BLOCK_J"], kw["BLOCK_I"] // per))
+    else:                    # the dequant kernel: a flat run of bytes
+        rows, cols = 1, f.gather_numel
+    if rows * cols != f.gather_numel:
+        rows, cols = 1, f.gather_numel
+    key = (f.gather_layout, f.gather_numel, f.num_warps, rows, cols, f.gather_entry_bytes, nibbles)
+    if key not in _GATHER_CACHE:
+        try:
+            offs = sm_model.lane_offsets(f.gather_layout, f.gather_numel, max(1, f.num_warps))
+        except (ValueError, AttributeError):
+            return None
+        _GATHER_CACHE[key] = sm_model.gather_wavefronts(
+            offs, rows, cols, f.gather_entry_bytes, nibbles=nibbles,
+            slot=(lambda c, lane: c * _NIBBLE_STRIDE) if nibbles else None)
+    return _GATHER_CACHE[key]
 
 
 @dataclass
@@ -935,7 +1041,8 @@ def report_to_dict(r: CallReport) -> dict:
     d["floor_us"] = r.floor_us
     d["eager_us"] = r.eager_us
     d["ok"] = r.ok
-    d["note"] = ("model_us, floor_us, issue_us, dram_us, tensor_us, sum_us, latency_us, cublas_us, launch_us are "
+    d["note"] = ("model_us, floor_us, issue_us, dram_us, tensor_us, sum_us, latency_us, smem_us, dram_latency_us, "
+                 "cublas_us, launch_us are "
                  "a static speed-of-light model, not measurements")
     return d
 
@@ -1025,7 +1132,7 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
                      f"{t.smem_per_block:,} B shared/block)")
         header = (f"{'call':44} {'kernel':13} {'fits':5} {'shared':>15} {'reg':>4} {'spill':>5} "
                   f"{'w/s':>4} {'grid':>6} {'occ':>3} {'wav':>3} {'mma':>4} {'ldg widths':18} {'i/wt':>5} "
-                  f"{'sum µs':>7} {'model µs':>9} {'floor µs':>9}")
+                  f"{'wf/read':>9} {'bound':>8} {'sum µs':>7} {'model µs':>9} {'floor µs':>9}")
         if detail:
             lines.append(header)
         for r in (r for r in reports if r.target == tname):
@@ -1045,11 +1152,14 @@ def format_reports(reports: Sequence[CallReport], detail: bool = True) -> str:
                         continue
                     ldg = ",".join(f"{k.split('.')[0][3:] or ''}{k.split('.')[1]}×{v}" for k, v in f.ldg_widths.items())
                     ipw = f"{L.instr_per_weight:.1f}" if L.instr_per_weight is not None else "-"
+                    wf = (f"{L.gather_wavefronts:.2f}/{L.gather_wavefronts_free:g}"
+                          if L.gather_wavefronts is not None else "-")
                     lines.append(
                         f"{name:44} {L.label:13} {'yes' if L.fits else 'NO':5} "
                         f"{f.shared:>7,}/{L.smem_limit:<7,} {f.registers:>4} {f.stack + f.local:>5} "
                         f"{f.num_warps:>2}/{f.num_stages:<1} {L.programs:>6} {L.resident_per_sm:>3} {L.waves:>3} "
-                        f"{f.mma:>4} {ldg[:18]:18} {ipw:>5} {_fmt_us(L.sum_us) if L.sum_us else '-':>7} "
+                        f"{f.mma:>4} {ldg[:18]:18} {ipw:>5} {wf:>9} {L.bound or '-':>8} "
+                        f"{_fmt_us(L.sum_us) if L.sum_us else '-':>7} "
                         f"{_fmt_us(L.model_us):>9} {_fmt_us(L.floor_us):>9}")
             other = sum(T.model_us for T in r.torch_launches) - r.cublas_us
             parts = [f"cuBLAS {_fmt_us(r.cublas_us)}" if r.cublas_us else "",

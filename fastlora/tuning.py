@@ -295,8 +295,11 @@ def _valid_entry(e) -> bool:
     if not isinstance(e, dict) or e.get("strategy") not in STRATEGIES:
         return False
     tile = e.get("fused_tile")
-    return tile is None or (isinstance(tile, list) and len(tile) == 6 and all(isinstance(v, int) and v > 0
-                                                                                for v in tile))
+    # six positive ints (block_m, block_j, block_i, warps, stages, split), then the decode table's
+    # flag (nibbles; absent in entries written before it existed: the pair table)
+    return tile is None or (isinstance(tile, list) and len(tile) in (6, 7)
+                            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile[:6])
+                            and all(isinstance(v, bool) for v in tile[6:]))
 
 
 class Cache:
@@ -405,7 +408,8 @@ class Candidate:
         t = self.tile
         if t is None:
             return self.strategy
-        return f"fused {t.block_m}x{t.block_j}x{t.block_i} w{t.num_warps} s{t.num_stages} k{t.split}"
+        return (f"fused {t.block_m}x{t.block_j}x{t.block_i} w{t.num_warps} s{t.num_stages} k{t.split}"
+                + (" nibble" if t.nibbles else ""))
 
 
 def _narrowed(kind: str, cfg: TileConfig, M: int, J: int, I: int, target) -> TileConfig:
@@ -432,6 +436,8 @@ def candidates(kind: str, M: int, J: int, I: int, target, max_alternatives: int 
     alts: List[Tuple[str, TileConfig]] = []
     for max_m, cfg in configs.TABLES[configs.family(target)][kind]:
         alts.append((f"row M<={max_m}" if max_m < (1 << 40) else "row M>any", cfg))
+    if kind in ("frozen4", "frozen4_lora32"):   # the other decode table (pair table / nibble table)
+        alts.append(("nibble table" if not row.nibbles else "pair table", replace(row, nibbles=not row.nibbles)))
     alts += [("stages-1", replace(row, num_stages=max(1, row.num_stages - 1))),
              ("stages+1", replace(row, num_stages=row.num_stages + 1)),
              ("no split", replace(row, split=1)),
@@ -727,7 +733,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def tile_tuple(t: Optional[TileConfig]) -> Optional[list]:
-    return None if t is None else [t.block_m, t.block_j, t.block_i, t.num_warps, t.num_stages, t.split]
+    return None if t is None else [t.block_m, t.block_j, t.block_i, t.num_warps, t.num_stages, t.split, t.nibbles]
 
 
 def tune(problem: Problem, target=None, *, timer: Optional[Timer] = None, budget_s: float = PER_SHAPE_S,

@@ -52,6 +52,10 @@ class TileConfig:
     num_warps: int
     num_stages: int
     split: int = 1        # most splits of the reduction (split-K); see :func:`splits`
+    # 4-bit kinds with the wide decode: read the code values from the nibble table (no shared-memory
+    # bank conflicts, two reads per byte: ``quant4.decode_nibbles``) instead of the pair table (one
+    # read per byte, conflicting on real NF4 bytes)
+    nibbles: bool = False
 
     def as_tuple(self):
         return (self.block_m, self.block_j, self.block_i, self.num_warps, self.num_stages)
@@ -152,12 +156,13 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 # GEMM, per family, where no measured choice exists (fastlora.tuning measures both on the user's GPU
 # and keeps the faster). Set where fastlora inspect's model of a whole training step (forward +
 # backward, the four Llama-3-8B projections summed, r = 16, dropout 0.05, NF4 double quant, bf16,
-# adapters under autocast) puts the crossover, at M = 1, 16, 24..64, 256, 1024, ..., 32768:
+# adapters under autocast) puts the crossover, at M = 1, 16, 24..64, 128, 256, 512, 1024, ..., 32768
+# (with the shared-memory term and the nibble table's tensor-core rows):
 #   sm_8x (sm_86, sm_89) and sm_12x (sm_121): the fused kernel ahead at every M (it saves writing
 #     and re-reading the dequantized W), so dequant only from 32768; on sm_120 the two are within
-#     2.5% of each other from M = 1024 on (a tie for a model). The model says the same of sm_90,
-#     where the measurement below overrules it
-#   sm_80: crosses at M = 1024
+#     2.5% of each other from M = 1024 on (a tie for a model)
+#   sm_80: crosses between M = 256 (fused / dequant 0.98) and 512 (1.16): dequant from 512
+#   sm_90: the model crosses between 256 (0.91) and 512 (1.23), where the measurement below does
 #   sm_100 (B200): fused only while the M <= 16 row applies: its 4-bit main loops with tcgen05 take
 #     30 (X·Wᵀ) and 77 (dY·W) thread-instructions per decoded weight at M > 16 (the decoded tile goes
 #     through shared memory to the tensor cores), so from M = 24 dequant + cuBLAS is ahead (12% at 24,
@@ -166,7 +171,8 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 # `fastlora inspect --strategy both --mode train --m ...` prints the per-call figures at this commit.
 # A model, not a measurement: replace with the layer benchmark's crossover once a GPU run exists.
 #   sm_90, measured (NVIDIA H200, Triton 3.6, torch 2.11; `fastlora tune`, CUDA events, median, L2
-#     flushed; benchmarks/results/nvidia-h200/): the model was wrong here. The fused GEMM runs at
+#     flushed; benchmarks/results/nvidia-h200/): the model without its shared-memory term was wrong
+#     here (it had the fused kernel ahead at every M); the one with it agrees. The fused GEMM runs at
 #     about 120-145 TFLOP/s from M = 512 on, cuBLAS on the dequantized W at 500-600, so dequant is
 #     ahead at M >= 512 for gate/up/down (1.9-2.4x in X·Wᵀ at 512) and by 1.35-4.7x for every
 #     projection from 2048 on (k/v's 1024x4096 excepted up to 2048); the fused kernel is ahead at every
@@ -175,7 +181,7 @@ TABLES["sm_12x"]["lora16"] = [(64, _C(64, 64, 32, 4, 4, 32)), (_INF, _C(128, 64,
 #     1.07 at 512, 2.44 at 2048, 3.78 at 8192. So dequant from 512.
 # the families whose threshold comes from a GPU measurement (the model no longer decides there)
 MEASURED_THRESHOLDS = {"sm_90": "benchmarks/results/nvidia-h200/ (NVIDIA H200, 2026-12-04)"}
-DEQUANT_MIN_TOKENS = {"sm_90": 512, "sm_80": 1024, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
+DEQUANT_MIN_TOKENS = {"sm_90": 512, "sm_80": 512, "sm_8x": 32768, "sm_75": 0, "sm_100": 17, "sm_12x": 32768}
 
 # the fewest rows of a tensor-core tile (tl.dot); a 4-bit row with fewer (GEMV_KINDS) runs as a GEMV
 # (``lora_matmul._lora_matmul_gemv_kernel``: the decoded W multiplied on the FMA units, no MMA tile of padding)
@@ -192,10 +198,28 @@ GEMV_PROGRAMS_PER_SM = 4
 # 3-6x at M = 8 (its reduction runs across warps, one shared-memory round trip per row of dY a step).
 # Other families: not measured; the tuner (fastlora.tuning) measures this row against the others
 GEMV_ROW = (1, _C(1, 64, 64, 4, 1, 32))
+# The 4-bit tensor-core rows decode through the nibble table (``quant4.decode_nibbles``: no
+# shared-memory bank conflicts, two table reads per byte), the GEMV row through the pair table (one
+# read per byte). Why, from ``fastlora inspect`` (a model, Triton 3.9, Llama-3-8B, r = 16, training
+# step): on real NF4 bytes a pair-table read costs about 6.1 wavefronts where 2 are the least, and
+# the M <= 16 tiles of sm_80, sm_86, sm_90 and sm_100 are bound by shared memory; with the nibble
+# table each of their frozen products models 0.51-0.84x (the step of four projections 0.66-0.68x
+# at M = 16; sm_80 and sm_90 0.67-0.83x at every M), sm_89 and sm_121 unchanged (DRAM-bound), no
+# step slower. The GEMV becomes issue-bound on the extra reads and models 1.08-1.17x: it keeps the
+# pair table. Every row compiles, fits and does not spill either way (tests/test_gpu_targets.py).
+# Not measured on a GPU yet: ``benchmarks.bench_gemv`` times both decodes ("mma16 pair"), and the
+# tuner measures the other decode as one of its candidates.
+# One exception: sm_12x's frozen4_lora32 row for M > 16 (128 x 64 x 16, 8 warps, 3 stages) kept
+# 8 B on the stack in dX with the nibble table under Triton 3.6 (at 128 registers); the model has
+# that row tensor-bound either way, so it keeps the pair table.
+NIBBLE_KINDS = GEMV_KINDS
+_PAIR_ROWS = {("sm_12x", "frozen4_lora32", _INF)}
 for _family, _table in TABLES.items():
     if _family != "sm_75":
         for _kind in GEMV_KINDS:
-            _table[_kind] = [GEMV_ROW] + [row for row in _table[_kind] if row[0] > GEMV_ROW[0]]
+            _table[_kind] = [GEMV_ROW] + [
+                (m, replace(c, nibbles=True) if _kind in NIBBLE_KINDS and (_family, _kind, m) not in _PAIR_ROWS else c)
+                for m, c in _table[_kind] if m > GEMV_ROW[0]]
 
 # under Triton's CPU interpreter (no target named): large tiles mean fewer Python-level program
 # instances, which is all that costs time there

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from . import _interpreter, _launch, configs
 from .quant4 import (Packed4bit, _dequant_4bit_kernel, check_device, decode_4bit, decode_4bit_rows, dequant_block,
-                     dequantize_4bit, kernel_args, pair_table, wide_decode_ok)
+                     dequantize_4bit, kernel_args, nibble_table, pair_table, wide_decode_ok)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -228,7 +228,7 @@ def _product(
         else:
             seed = (seed_hi.to(tl.int64) << 31) | seed_lo.to(tl.int64)    # drawn on the host
     if FAST_4BIT:
-        pairs = pair_table(code_ptr)                                      # [256] int64, in registers
+        pairs = pair_table(code_ptr) if FAST_4BIT != 2 else nibble_table(code_ptr)   # in registers
 
     # -- main loop over the reduction dimension; split-K: program (·, s) takes the s-th run of
     #    BLOCK_I steps (grid axis 1 has one program per split, a single one without split) --------
@@ -522,7 +522,7 @@ def _build_plan(a, w, out, lora_l, bias, seed, *, trans_w, compute_dtype, accumu
         BLOCKSIZE=w.blocksize if is_4bit else 64, BLOCKSIZE2=w.blocksize2 if is_4bit else 256,
         HAS_LORA=lora_l is not None, HAS_BIAS=bias is not None, ACC_OUT=accumulate, DROPOUT=dropout,
         ROUND_BASE=round_base, ROUND_TERM=round_term, COMPUTE=_TL_DTYPES[compute_dtype],
-        FAST_4BIT=wide and not skip_main,
+        FAST_4BIT=(2 if cfg.nibbles else True) if wide and not skip_main else False,   # 2: nibble table
         SWAP_AB=is_4bit and not skip_main and compute_dtype != torch.float32 and BM <= SWAP_AB_MAX_M,
         SPLIT=splits > 1, MAIN=not skip_main, SCALE_A=scale_a, SEED_PTR=isinstance(seed, torch.Tensor),
         BLOCK_M=BM, BLOCK_J=cfg.block_j, BLOCK_I=cfg.block_i,
@@ -880,7 +880,7 @@ def _lora_matmul_gemv_kernel(
     rows = tl.arange(0, EPI_M)
     offs_m = (m0 + rows).to(tl.int64)
     mask_m = (offs_m < M) & (rows < BLOCK_M)
-    pairs = pair_table(code_ptr)
+    pairs = pair_table(code_ptr) if FAST_4BIT != 2 else nibble_table(code_ptr)
     # accumulators laid out like the decoded W tile, so that no row's sum changes layout in the loop:
     # forward [BLOCK_J, EPI_M] (W's rows are the outputs), backward [EPI_M, BLOCK_J]
     if TRANS_W:

@@ -22,12 +22,12 @@ second level, BLOCKSIZE2 is 256 in every bitsandbytes release.
 Two decodes, both ``@triton.jit`` helpers used by the fused GEMM (``lora_matmul.py``):
 
 - :func:`decode_4bit_rows` (K even, K % BLOCKSIZE == 0, the common case): a W tile [R, C] is R runs
-  of C/2 whole bytes, read as [R, C/2] uint8 vectors; each byte is decoded by one gather from a
-  256-entry pair table (code[b >> 4], code[b & 15]) held in registers (Triton stages it in shared
-  memory), and one absmax per (row, block) is broadcast. Why: in the compiled SASS for sm_89
-  (static counts, ``fastlora inspect``), the per-element decode spends several times the
-  instructions per weight in the main loop of this one, and stages its gathers in shared memory;
-  a warp-local gather from the 16-entry table (shuffles) counted about 3.5x this decode's.
+  of C/2 whole bytes, read as [R, C/2] uint8 vectors, decoded by gathers from a table in registers
+  that Triton stages in shared memory: the pair table (:func:`decode_bytes`, one read per byte) or
+  the nibble table (:func:`decode_nibbles`, one per nibble, no bank conflicts; see its section);
+  one absmax per (row, block) is broadcast. Why tables: in the compiled SASS for sm_89 (static
+  counts, ``fastlora inspect``), the per-element decode spends several times the instructions per
+  weight in the main loop, and a warp-local gather from the 16-entry table (shuffles) about 3.5x.
 - :func:`decode_4bit` (any layout: odd K, blocks straddling rows): per element, by flat position.
 
 The values stay code·absmax in fp32 rounded once, as bitsandbytes' dequant, so the fused product
@@ -162,11 +162,11 @@ def decode_4bit_rows(
 ):
     """W[offs_n, k0 : k0 + BLOCK_C] as fp32 [R, BLOCK_C], for Kw even and Kw % BLOCKSIZE == 0 (k0 a
     multiple of BLOCK_C): each row's run is BLOCK_C // 2 whole bytes and covers whole absmax blocks
-    (or lies inside one). ``pairs`` is :func:`pair_table`. Masked rows decode to 0."""
+    (or lies inside one). ``pairs``: :func:`pair_table` or :func:`nibble_table`. Masked rows: 0."""
     offs_b = k0 // 2 + tl.arange(0, BLOCK_C // 2)                          # [BLOCK_C // 2] bytes in the row
     mask = mask_n[:, None] & (offs_b < Kw // 2)[None, :]
     byte = tl.load(w_ptr + offs_n[:, None] * (Kw // 2) + offs_b[None, :], mask=mask, other=0)  # [R, C/2] u8
-    value = decode_bytes(byte, pairs)                                      # [R, C] fp32 codes
+    value = decode_bytes(byte, pairs) if pairs.dtype == tl.int64 else decode_nibbles(byte, pairs)  # [R, C]
     R: tl.constexpr = byte.shape[0]
     if BLOCK_C <= BLOCKSIZE:
         block = offs_n * (Kw // BLOCKSIZE) + k0 // BLOCKSIZE              # [R]: one block per row run
@@ -284,3 +284,37 @@ def dequantize_4bit(q: Packed4bit, dtype: torch.dtype = torch.bfloat16, out: Opt
         enable_fp_fusion=False, device=q.device,
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the nibble-table decode: the same values, table reads without shared-memory bank conflicts
+# ----------------------------------------------------------------------------------------------
+# The pair table's reads are data-dependent 8-byte loads from one 2 KiB table: on the bytes of a
+# Gaussian weight quantized to NF4 they cost about 6 shared-memory wavefronts per warp-wide read
+# where 2 are the least (``fastlora.sm_model``: lanes whose entries differ but share a bank are
+# served one after another). The nibble table holds the 16 code values 33 entries apart (entry 33·c
+# = code[c], on bank c): lanes reading one value share its address, lanes reading different values
+# read different banks, so every warp-wide read is one wavefront, whatever the bytes, at the price
+# of two reads per byte (one per nibble). It has 512 entries so that Triton stages it in shared
+# memory (a table that fits in a warp's registers is gathered with shuffles, several times the
+# instructions). :func:`decode_4bit_rows` takes either table and dispatches on its dtype.
+NIBBLE_STRIDE = tl.constexpr(33)
+
+
+@triton.jit
+def nibble_table(code_ptr):
+    """[512] fp32: entry i = code[i // 32], so entry 33·c (c < 16) holds code[c]."""
+    i = tl.arange(0, 512)
+    return tl.load(code_ptr + (i >> 5))
+
+
+@triton.jit
+def decode_nibbles(byte, table):
+    """Packed bytes [R, C] (uint8) -> code values [R, 2C] fp32, as :func:`decode_bytes` (element 2c
+    from the high nibble of byte c, 2c+1 from the low one), one read of :func:`nibble_table` per
+    nibble, at entry 33·nibble."""
+    R: tl.constexpr = byte.shape[0]
+    C: tl.constexpr = byte.shape[1]
+    b = byte.to(tl.int32)
+    idx = tl.reshape(tl.interleave((b >> 4) * NIBBLE_STRIDE, (b & 15) * NIBBLE_STRIDE), (2 * R * C,))
+    return tl.reshape(tl.gather(table, idx, 0), (R, 2 * C))

@@ -254,6 +254,8 @@ def test_strategy_thresholds_per_family():
             want = "fused" if M < m0 else "dequant"
             assert choose_strategy(M, 4096, 4096, True, None, target=t) == want, (name, M, m0)
     assert configs.DEQUANT_MIN_TOKENS["sm_75"] == 0
+    # the measured families keep their measured threshold (configs.py: the H200's crossover)
+    assert set(configs.MEASURED_THRESHOLDS) == {"sm_90"} and configs.DEQUANT_MIN_TOKENS["sm_90"] == 512
 
 
 @pytest.mark.parametrize("target", GPU_TARGETS)
