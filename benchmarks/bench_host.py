@@ -102,10 +102,23 @@ COUNT_RULE = (
     "both providers alike and counts by the same rule."
 )
 
+# ops whose schema declares no alias but whose result aliases their input
+ALIASING_OPS = frozenset({"_unsafe_view.default", "_reshape_alias.default", "lift_fresh.default"})
+ALLOC_RULE = (
+    "allocations = per op dispatched below autograd (ATen, bitsandbytes; a fastlora::* op by the ATen ops "
+    "inside it), the tensors it returns whose schema entry has no alias (a new tensor from the caching "
+    "allocator: torch.empty, an op's result; not a view, not an in-place or out= result, not "
+    + ", ".join(sorted(ALIASING_OPS)) + "); a zero-element tensor counts too (the allocator is still "
+    "called); temporaries inside an op's own implementation are not seen"
+)
+
 FORMULAS = {
-    "host_us_min": "min over reps of time.perf_counter_ns() around one call (µs)",
+    "host_us_min": "min over reps of time.perf_counter_ns() around one call (µs); with config.stack > 1, "
+                   "around one call of the stack, divided by the stack's depth (per layer; so are launches "
+                   "and allocations, and gpu_us and eager_us on a GPU)",
     "host_us_median": "median over reps of the same",
     "launches": COUNT_RULE,
+    "allocations": ALLOC_RULE,
     "ratio": "fastlora host µs / peft host µs, per (M, mode), min and median each (report)",
     "gpu_us_*": "CUDA events around one call queued behind torch.cuda._sleep (the GPU's own time)",
     "eager_us_*": "perf_counter_ns from the call to torch.cuda.synchronize() after it (one eager step)",
@@ -171,7 +184,74 @@ def build_layer(packed, qs, device: torch.device, r: int, alpha: int, dropout: f
 
 
 def _params(layer):
+    if isinstance(layer, Stack):
+        return [p for one in layer.layers for p in _params(one)]
     return [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+
+
+class Stack:
+    """``depth`` layers called one after another, each one's output the next one's input, as the
+    layers of a model run: one ``backward()`` runs all their backward passes, so what a backward call
+    costs once (the autograd engine's start, on a GPU its hand-off to the device's thread) is shared
+    among them, as in a model. Needs N == K."""
+
+    def __init__(self, models, layers):
+        self.models, self.layers = list(models), list(layers)
+
+    def train(self, mode: bool = True):
+        for m in self.models:
+            m.train(mode)
+        return self
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _patched(layer) -> bool:
+    """Whether ``layer`` (or a layer of the stack) has a patched forward."""
+    return any("forward" in vars(one) for one in (layer.layers if isinstance(layer, Stack) else [layer]))
+
+
+def build_layers(packed, qs, device: torch.device, r: int, alpha: int, dropout: float, adapters: str, depth: int):
+    """(model, layer) of :func:`build_layer`, or for ``depth`` > 1 a :class:`Stack` of that many (as
+    both: it calls and switches train/eval mode for all of them)."""
+    if depth == 1:
+        return build_layer(packed, qs, device, r, alpha, dropout, adapters)
+    built = [build_layer(packed, qs, device, r, alpha, dropout, adapters) for _ in range(depth)]
+    stack = Stack([m for m, _ in built], [layer for _, layer in built])
+    return stack, stack
+
+
+class _Reports:
+    """The patch reports of a stack's models as one (fused and fallback calls summed)."""
+
+    def __init__(self, reports):
+        self.reports = reports
+
+    @property
+    def fused_calls(self) -> int:
+        return sum(r.fused_calls for r in self.reports)
+
+    @property
+    def fallback_calls(self) -> collections.Counter:
+        return sum((collections.Counter(r.fallback_calls) for r in self.reports), collections.Counter())
+
+
+def patch_all(model):
+    import fastlora
+
+    if isinstance(model, Stack):
+        return _Reports([fastlora.patch(m) for m in model.models])
+    return fastlora.patch(model)
+
+
+def unpatch_all(model):
+    import fastlora
+
+    for m in (model.models if isinstance(model, Stack) else [model]):
+        fastlora.unpatch(m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +310,15 @@ class LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
         self.not_counted = collections.Counter()  # op -> calls
         self.gemm_rule = gemm_rule
         self.gemm_rule_missing = False
+        self.allocations = collections.Counter()   # op -> tensors allocated (see ALLOC_RULE)
+
+    def _allocated(self, func, name: str) -> None:
+        if func.__name__ in ALIASING_OPS:
+            return
+        n = sum(1 for r in func._schema.returns if r.alias_info is None
+                and (r.type.kind() == "TensorType" or "Tensor" in str(r.type)))
+        if n:
+            self.allocations[name] += n
 
     def _bnb(self, func, args, kwargs) -> int:
         name = func._schema.name.split("::", 1)[1]
@@ -253,6 +342,7 @@ class LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
         name = f"{ns}::{func.__name__}"
         if ns == "bitsandbytes":
             self.counted[name] += self._bnb(func, args, kwargs)
+            self._allocated(func, name)
             return func(*args, **kwargs)
         if ns not in ("aten", "prims"):
             # another library's custom op (fastlora's): run its meta implementation with this mode on,
@@ -263,7 +353,10 @@ class LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
                 with self:
                     return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.Meta), *args, **kwargs)
             self.counted[name] += 1
+            self._allocated(func, name)
             return func(*args, **kwargs)
+        if not func.is_view:
+            self._allocated(func, name)
         if func.is_view or func.__name__ in NO_KERNEL_OPS:
             self.not_counted[name] += 1
         else:
@@ -370,10 +463,34 @@ def _count(p: Provider, mode: str, launches: list, gemm_rule) -> dict:
     aten = sum(c.counted.values())
     out = {"launches": aten + sum(triton.values()), "triton_launches": sum(triton.values()),
            "op_launches": aten, "counted_ops": dict(sorted(c.counted.items())),
-           "triton_kernels": dict(sorted(triton.items())), "not_counted_ops": dict(sorted(c.not_counted.items()))}
+           "triton_kernels": dict(sorted(triton.items())), "not_counted_ops": dict(sorted(c.not_counted.items())),
+           "allocations": sum(c.allocations.values()), "allocating_ops": dict(sorted(c.allocations.items()))}
     if c.gemm_rule_missing:
         out["gemm_4bit_rule"] = "bitsandbytes' CUDA rule not found: gemm_4bit counted as 1"
     return out
+
+
+PER_LAYER_COUNTS = ("launches", "triton_launches", "op_launches", "allocations")
+
+
+def _per_layer(counts: dict, depth: int) -> dict:
+    """The counts of one call of a stack of ``depth`` layers, per layer (the op tables stay the
+    whole stack's)."""
+    if depth == 1:
+        return counts
+    out = dict(counts)
+    for k in PER_LAYER_COUNTS:
+        out[k] = counts[k] / depth
+    return out
+
+
+def _stack_note(depth: int) -> str:
+    return f"per layer of {depth}: " if depth > 1 else ""
+
+
+def _layer_type(layer) -> str:
+    one = layer.layers[0] if isinstance(layer, Stack) else layer
+    return f"{type(one).__module__}.{type(one).__name__}"
 
 
 def _report_counts(rep) -> dict:
@@ -396,11 +513,12 @@ def run_meta(args, device, writer, summary) -> None:
                     "measured in the GPU part only")
     target = get_target(args.target)
     gemm_rule = _bnb_rule(target)
+    depth = args.stack
     for ad, strategy in ((a, s) for a in adapters for s in args.strategy):
-        peft_model, peft_layer = build_layer(packed, qs, meta, args.r, args.alpha, args.dropout, ad)
-        fl_model, fl_layer = build_layer(packed, qs, meta, args.r, args.alpha, args.dropout, ad)
-        report = fastlora.patch(fl_model)
-        weight = harness.describe_4bit(fl_layer.base_layer)
+        peft_model, peft_layer = build_layers(packed, qs, meta, args.r, args.alpha, args.dropout, ad, depth)
+        fl_model, fl_layer = build_layers(packed, qs, meta, args.r, args.alpha, args.dropout, ad, depth)
+        report = patch_all(fl_model)
+        weight = harness.describe_4bit((fl_layer.layers[0] if depth > 1 else fl_layer).base_layer)
         pin = contextlib.nullcontext() if strategy == "auto" else fastlora.ops.using_strategy(strategy)
         with _launch.stubbed(target.name) as launches, pin:
             for M in args.m:
@@ -410,9 +528,9 @@ def run_meta(args, device, writer, summary) -> None:
                 for mode in args.modes:
                     base_cfg = {"M": M, "N": N, "K": K, "r": args.r, "lora_alpha": args.alpha, "dropout": args.dropout,
                                 "mode": mode, "adapters": ad, "strategy": strategy, "target": target.name,
-                                "measured_on": "meta",
+                                "measured_on": "meta", "stack": depth,
                                 "x_shape": list(x.shape), "reps": args.reps, "warmup": args.warmup, "weight": weight,
-                                "peft_layer": f"{type(peft_layer).__module__}.{type(peft_layer).__name__}"}
+                                "peft_layer": _layer_type(peft_layer)}
                     t0 = time.monotonic()
                     # warm-up outside the timed loop first: the first fastlora call compiles its kernels
                     for p in provs:
@@ -426,14 +544,15 @@ def run_meta(args, device, writer, summary) -> None:
                     stub_per_call = (len(launches) - n0) / calls
                     checks = {"fastlora": {**_report_counts(report),
                                            "fused_calls_in_loop": report.fused_calls - fused0,
-                                           "stub_launches_per_call": stub_per_call},
-                              "peft": {"layer_patched": "forward" in peft_layer.__dict__}}
+                                           "stub_launches_per_call": stub_per_call / depth},
+                              "peft": {"layer_patched": _patched(peft_layer)}}
                     for p in provs:
-                        m = {f"host_us_{k}": v for k, v in _stats(samples[p.name]).items()}
-                        m.update(_count(p, mode, launches, gemm_rule))
+                        m = {f"host_us_{k}": v / depth for k, v in _stats(samples[p.name]).items()}
+                        m.update(_per_layer(_count(p, mode, launches, gemm_rule), depth))
                         m.update(checks[p.name])
                         status, error = "ok", None
-                        if p.name == "fastlora" and (m["fused_calls_in_loop"] != calls or report.fallback_calls):
+                        if p.name == "fastlora" and (m["fused_calls_in_loop"] != calls * depth
+                                                     or report.fallback_calls):
                             status = "fallback"
                             error = f"the patched layer ran PEFT's forward: {_report_counts(report)}"
                         if p.name == "peft" and (m["layer_patched"] or not any(
@@ -444,10 +563,10 @@ def run_meta(args, device, writer, summary) -> None:
                         writer.write(rec)
                         summary.append(rec)
                     f, b = summary[-2]["metrics"], summary[-1]["metrics"]
-                    harness.log(f"  M={M:<5d} {mode:10s} {ad:5s} {strategy:7s} fastlora {f['host_us_min']:8.1f} µs "
-                                f"peft {b['host_us_min']:8.1f} µs (min)  launches {f['launches']} vs {b['launches']}  "
+                    harness.log(f"  M={M:<5d} {mode:10s} {ad:5s} {strategy:7s} {_stack_note(depth)}fastlora {f['host_us_min']:8.1f} µs "
+                                f"peft {b['host_us_min']:8.1f} µs (min)  launches {f['launches']} vs {b['launches']}, allocations {f['allocations']} vs {b['allocations']}  "
                                 f"[{time.monotonic() - t0:.1f} s]")
-        fastlora.unpatch(fl_model)
+        unpatch_all(fl_model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,10 +609,11 @@ def run_cuda(args, device, writer, summary) -> None:
 
     N, K = args.shape
     packed, qs = quantize(N, K, device)
+    depth = args.stack
     for ad, strategy in ((a, s) for a in args.adapters for s in args.strategy):
-        peft_model, peft_layer = build_layer(packed, qs, device, args.r, args.alpha, args.dropout, ad)
-        fl_model, fl_layer = build_layer(packed, qs, device, args.r, args.alpha, args.dropout, ad)
-        report = fastlora.patch(fl_model)
+        peft_model, peft_layer = build_layers(packed, qs, device, args.r, args.alpha, args.dropout, ad, depth)
+        fl_model, fl_layer = build_layers(packed, qs, device, args.r, args.alpha, args.dropout, ad, depth)
+        report = patch_all(fl_model)
         pin = contextlib.nullcontext() if strategy == "auto" else fastlora.ops.using_strategy(strategy)
         with pin:
             for M in args.m:
@@ -504,7 +624,7 @@ def run_cuda(args, device, writer, summary) -> None:
                 for mode in args.modes:
                     cfg = {"M": M, "N": N, "K": K, "r": args.r, "lora_alpha": args.alpha, "dropout": args.dropout,
                            "mode": mode, "adapters": ad, "strategy": strategy, "target": device_target(device).name,
-                       "measured_on": "cuda",
+                           "measured_on": "cuda", "stack": depth,
                            "x_shape": list(x.shape), "reps": args.reps, "warmup": args.warmup}
                     try:
                         fused0 = report.fused_calls
@@ -520,7 +640,7 @@ def run_cuda(args, device, writer, summary) -> None:
                         s = samples[p.name]
                         m = {}
                         for i, what in enumerate(("host_us", "eager_us", "gpu_us")):
-                            m.update({f"{what}_{k}": v for k, v in _stats([v[i] for v in s]).items()})
+                            m.update({f"{what}_{k}": v / depth for k, v in _stats([v[i] for v in s]).items()})
                         # False: some call was not wholly queued before the GPU reached it (its GPU time
                         # includes waiting for the host)
                         m["gpu_time_queued"] = all(v[3] for v in s)
@@ -528,7 +648,7 @@ def run_cuda(args, device, writer, summary) -> None:
                         if p.name == "fastlora":
                             m.update(_report_counts(report))
                             m["fused_calls_in_loop"] = report.fused_calls - fused0
-                            if m["fused_calls_in_loop"] != 2 * (args.reps + args.warmup) or report.fallback_calls:
+                            if m["fused_calls_in_loop"] != 2 * (args.reps + args.warmup) * depth or report.fallback_calls:
                                 status = "fallback"
                                 error = f"the patched layer ran PEFT's forward: {_report_counts(report)}"
                         rec = harness.make_record("host", {**cfg, "provider": p.name}, m, FORMULAS, device=device,
@@ -539,7 +659,7 @@ def run_cuda(args, device, writer, summary) -> None:
                         f"{r['config']['provider']} host {r['metrics']['host_us_min']:.1f} "
                         f"eager {r['metrics']['eager_us_min']:.1f} gpu {r['metrics']['gpu_us_min']:.1f} µs"
                         for r in summary[-2:]))
-        fastlora.unpatch(fl_model)
+        unpatch_all(fl_model)
         del peft_model, fl_model
         harness.free_memory(device)
 
@@ -555,8 +675,8 @@ def table(records) -> str:
     for r in records:
         c = r["config"]
         if r.get("status") == "ok":
-            by[(c["measured_on"], c["adapters"], c.get("strategy", "auto"), c["M"], c["mode"])][c["provider"]] = \
-                r["metrics"]
+            where = c["measured_on"] + (f", per layer of {c['stack']}" if c.get("stack", 1) > 1 else "")
+            by[(where, c["adapters"], c.get("strategy", "auto"), c["M"], c["mode"])][c["provider"]] = r["metrics"]
     lines = []
     for (where, ad, st, M, mode), p in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3],
                                                                           MODES.index(kv[0][4]))):
@@ -567,14 +687,20 @@ def table(records) -> str:
                f"{b['host_us_min']:,.0f} / {b['host_us_median']:,.0f} | "
                f"{f['host_us_min'] / b['host_us_min']:.2f} / {f['host_us_median'] / b['host_us_median']:.2f} | ")
         if "launches" in f:
-            row += f"{f['launches']} ({f['triton_launches']} Triton) vs {b['launches']} |"
+            row += f"{f['launches']:g} ({f['triton_launches']:g} Triton) vs {b['launches']:g} | " \
+                   f"{_num(f.get('allocations'))} vs {_num(b.get('allocations'))} |"
         else:
             row += f"gpu {f['gpu_us_min']:,.0f} vs {b['gpu_us_min']:,.0f} µs; eager {f['eager_us_min']:,.0f} vs " \
-                   f"{b['eager_us_min']:,.0f} µs |"
+                   f"{b['eager_us_min']:,.0f} µs | |"
         lines.append(row)
     head = ["| on | adapters | strategy | M | mode | fastlora µs min / median | PEFT µs min / median "
-            "| ratio min / median | launches fastlora vs PEFT |", "|---|---|---|---|---|---|---|---|---|"]
+            "| ratio min / median | launches fastlora vs PEFT | allocations fastlora vs PEFT |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     return "\n".join(head + lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:g}"
 
 
 def _csv(kind):
@@ -600,6 +726,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="GPU target fastlora's stubbed launches compile for (default: this GPU's, else sm_89)")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=20, help="unrecorded interleaved rounds before timing")
+    ap.add_argument("--stack", type=int, default=1,
+                    help="layers called in a chain per call (one backward for all, as in a model); every "
+                         "figure is then per layer (N must equal K). Default 1: one layer alone")
     ap.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=True,
                     help="on a GPU, also time the real eager step (default on)")
 
@@ -627,6 +756,9 @@ def run(args, device: Optional[torch.device] = None) -> dict:
         from fastlora.kernels.targets import device_target
 
         args.target = device_target(device).name if device.type == "cuda" else "sm_89"
+    if args.stack < 1 or (args.stack > 1 and args.shape[0] != args.shape[1]):
+        raise SystemExit(f"--stack {args.stack}: needs a count >= 1, and N == K to chain layers (got N,K = "
+                         f"{args.shape[0]},{args.shape[1]})")
     if args.smoke:
         args.reps, args.warmup = min(args.reps, SMOKE_REPS), min(args.warmup, SMOKE_WARMUP)
     writer = harness.RecordWriter(args.out, "host")
@@ -637,7 +769,8 @@ def run(args, device: Optional[torch.device] = None) -> dict:
     env = harness.environment(device)
     v = env["versions"]
     print(f"host cost per layer call, N,K = {args.shape[0]},{args.shape[1]} NF4 double quant, r = {args.r}, "
-          f"dropout {args.dropout}; fastlora compiled for {args.target}, launches stubbed; {args.reps} reps")
+          f"dropout {args.dropout}; fastlora compiled for {args.target}, launches stubbed; {args.reps} reps"
+          + (f"; {args.stack} layers chained per call, figures per layer" if args.stack > 1 else ""))
     print(f"{env['device_name']}, {env['platform']}, Python {env['python']}, torch {v['torch']}, triton {v['triton']}, "
           f"bitsandbytes {v['bitsandbytes']}, peft {v['peft']}")
     print(table(summary))

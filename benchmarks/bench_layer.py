@@ -460,7 +460,7 @@ def run_case(case: Case, providers, modes, device: torch.device, smoke: bool, wr
                 "lora_compute_dtype": "bfloat16" if case.autocast == "bf16" else harness.dtype_name(inp.A.dtype),
                 "weight": weight, "timing": timing,
                 # the rule's pick for this call (lora_linear sees M = x's rows, a Packed4bit W)
-                "auto_strategy": fastlora.choose_strategy(case.M, case.N, case.K, True, device),
+                "auto_strategy": fastlora.choose_strategy(case.M, device),
                 "peft_layer": f"{type(inp.layer).__module__}.{type(inp.layer).__name__}"}
     for provider in providers:
         lora = provider != "bf16-floor"
@@ -621,7 +621,7 @@ def write_model_records(todo, modes, device, smoke, writer, arch=None) -> None:
         return
     by_call = {id_: rep for id_, rep in zip(calls, reports)}
     for i, case in enumerate(todo):
-        auto = fastlora.choose_strategy(case.M, case.N, case.K, True, device, target=inspection.get_target(target))
+        auto = fastlora.choose_strategy(case.M, device, target=inspection.get_target(target))
         for mode in modes:
             def us(rep):
                 return rep.model_us if mode == "forward+backward" else rep.phase_us(mode)

@@ -183,10 +183,14 @@ def bench(fn: Callable[[], Any], device: torch.device, *, grad_to_none: Optional
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict:
     """Peak device memory of one call of ``fn``: {'peak_bytes', 'peak_extra_bytes'} (None on CPU).
-    peak_extra_bytes = peak during the call minus what was allocated just before it."""
+    peak_extra_bytes = peak during the call minus what was allocated just before it. fastlora's split-K
+    partials buffer (kept between calls) is freed first, so a call that needs it allocates it inside."""
     if device.type != "cuda":
         return {"peak_bytes": None, "peak_extra_bytes": None}
+    from fastlora.kernels.lora_matmul import release_partials
+
     torch.cuda.synchronize(device)
+    release_partials()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     out = fn()

@@ -12,8 +12,8 @@ back a performance statement (CPU, Triton interpreter, smoke) are reported under
 
 Host tables (``python -m benchmarks host``): per layer shape, target and adapters, one row per M and
 mode with fastlora's and PEFT's host µs per call (min / median), the ratio fastlora / PEFT of each,
-and the GPU kernel launches per call of both; on a GPU a second table adds the real eager step and
-the GPU's own time.
+and the GPU kernel launches and allocations per call of both (per layer, for a stack of chained
+layers: ``--stack``); on a GPU a second table adds the real eager step and the GPU's own time.
 """
 
 from __future__ import annotations
@@ -183,23 +183,25 @@ def _host_markdown(records):
             continue
         c = r["config"]
         key = (r["device_name"], c["measured_on"], c["target"], c["N"], c["K"], c["r"], c["dropout"], c["adapters"],
-               c.get("strategy", "auto"))
+               c.get("strategy", "auto"), c.get("stack", 1))
         groups[key][(c["M"], c["mode"])][c["provider"]] = r["metrics"]
     lines = []
     modes = ("train_step", "forward")
     for key in sorted(groups):
-        dev, on, target, N, K, r, p, ad, strategy = key
+        dev, on, target, N, K, r, p, ad, strategy, depth = key
         cuda = on == "cuda"
         what = ("real CUDA tensors, kernels run" if cuda else
                 f"meta tensors; fastlora's Triton launches compiled for {target}, the driver's launch stubbed")
         pinned = "" if strategy == "auto" else f", fastlora's {strategy} strategy"
+        if depth > 1:
+            pinned += f"; per layer of {depth} chained (one backward for all)"
         lines += [f"### Host cost per layer call, {N}×{K} NF4 (double quant), r = {r}, dropout {p:g}, adapters {ad}"
                   f"{pinned} — {dev}", "", f"{what}. µs per call, min / median; ratio = fastlora / PEFT (below 1: fastlora "
                   "costs the host less).", ""]
         head = "| M | mode | fastlora host µs | PEFT host µs | ratio min / median | "
         head += ("fastlora eager step µs | PEFT eager step µs | fastlora GPU µs | PEFT GPU µs |" if cuda else
-                 "launches fastlora (Triton + ops) | launches PEFT |")
-        lines += [head, "|" + "---|" * (9 if cuda else 7)]
+                 "launches fastlora (Triton + ops) | launches PEFT | allocations fastlora | allocations PEFT |")
+        lines += [head, "|" + "---|" * 9]
         for (M, mode) in sorted(groups[key], key=lambda k: (k[0], modes.index(k[1]) if k[1] in modes else 9)):
             f, b = groups[key][(M, mode)].get("fastlora"), groups[key][(M, mode)].get("peft")
 
@@ -213,8 +215,11 @@ def _host_markdown(records):
             if cuda:
                 row += f"{mm(f, 'eager_us')} | {mm(b, 'eager_us')} | {mm(f, 'gpu_us')} | {mm(b, 'gpu_us')} |"
             else:
-                fl = "–" if f is None else f"{f['launches']} ({f['triton_launches']} + {f['op_launches']})"
-                row += f"{fl} | {'–' if b is None else b['launches']} |"
+                fl = "–" if f is None else f"{f['launches']:g} ({f['triton_launches']:g} + {f['op_launches']:g})"
+
+                def n(m, k):
+                    return "–" if m is None or m.get(k) is None else f"{m[k]:g}"
+                row += f"{fl} | {n(b, 'launches')} | {n(f, 'allocations')} | {n(b, 'allocations')} |"
             lines.append(row)
         lines.append("")
     return lines

@@ -1089,7 +1089,7 @@ def _by_projection(rs: Sequence[CallReport]) -> Dict[tuple, Dict[int, Dict[str, 
 def _pick(c: Call, t: Target) -> str:
     from .ops import choose_strategy
 
-    return choose_strategy(c.M, c.N, c.K, c.is_4bit, None, target=t)
+    return choose_strategy(c.M, None, target=t)
 
 
 def _projection_lines(rs: Sequence[CallReport], t: Target) -> List[str]:
@@ -1198,7 +1198,7 @@ def format_markdown(reports: Sequence[CallReport]) -> str:
         cells = []
         for m in ms:
             picked = [r for r in rs if r.call.M == m and r.call.mode == "train"
-                      and r.call.strategy == choose_strategy(m, r.call.N, r.call.K, r.call.is_4bit, None, target=t)]
+                      and r.call.strategy == choose_strategy(m, None, target=t)]
             if not picked:
                 cells.append("–")
                 continue

@@ -47,7 +47,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_DEQUANT_MIN_TOKENS = 1024
 
 
-def choose_strategy(M: int, N: int, K: int, quantized: bool, device: torch.device, target=None) -> str:
+def choose_strategy(M: int, device: Optional[torch.device], target=None) -> str:
     """The static rule that picks a strategy for a layer call: "dequant" from the GPU family's token
     count in ``kernels.configs.DEQUANT_MIN_TOKENS`` (set from ``fastlora inspect``'s model; always on
     sm_75, where Triton lowers ``tl.dot`` to FMA instructions), else "fused";
@@ -234,7 +234,7 @@ def _resolve(strategy, M, N, K, w, device, phase, compute_dtype, dropout, x_dtyp
     if _FORCED_STRATEGY is not None:
         return _FORCED_STRATEGY
     if device.type != "cuda":
-        return choose_strategy(M, N, K, isinstance(w, Packed4bit), device)
+        return choose_strategy(M, device)
     global _tuning_pick
     try:
         pick = _tuning_pick

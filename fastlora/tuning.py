@@ -906,7 +906,7 @@ def entry_for(problem: Problem, *, tune_missing: bool, timer: Optional[Timer] = 
 def pick(M: int, N: int, K: int, w, device, static: Callable[..., str], phase: str, compute_dtype: torch.dtype,
          dropout: bool, x_dtype: torch.dtype, lora_dtype: torch.dtype, rank: int) -> str:
     """The strategy of one call that asked for "auto": the measured pick of its entry (tuned now when
-    missing and allowed), else ``static(M, N, K, quantized, device)``, the tables' rule
+    missing and allowed), else ``static(M, device)``, the tables' rule
     (``ops.choose_strategy``). Every argument is the call's own: the entry is measured with them.
     Known (device, M bucket, weight, phase, dtypes, rank, dropout): one dict lookup."""
     q = isinstance(w, Packed4bit)
@@ -915,7 +915,7 @@ def pick(M: int, N: int, K: int, w, device, static: Callable[..., str], phase: s
     got = _PICKS.get(memo)
     if got is None:
         got = _pick_slow(memo, M, w, device, phase, compute_dtype, dropout, x_dtype, lora_dtype, rank)
-    return static(M, N, K, q, device) if got is _STATIC else got
+    return static(M, device) if got is _STATIC else got
 
 
 def _remember(memo: tuple, value):

@@ -262,10 +262,15 @@ def splits(cfg: TileConfig, tiles: int, I: int, target: Optional[Target], step_b
     for the GEMV's small ones), every slot of every wave busy for the longest program (so
     a grid that leaves SMs idle, or a last wave that is mostly empty, costs what it wastes); the
     second the fp32 partials each extra program writes and the tile's last program reads back
-    (``split_bytes`` per program). Ties go to the fewer splits."""
-    if target is None or cfg.split <= 1:
+    (``split_bytes`` per program). Ties go to the fewer splits.
+
+    No target (Triton's CPU interpreter, whose tiles never split): the configuration's split count as
+    it is, at most one per BLOCK_I step, so a tile given to :func:`override` runs split-K there too."""
+    if cfg.split <= 1:
         return 1
     steps = -(-I // cfg.block_i)
+    if target is None:
+        return max(1, min(cfg.split, steps))
     best, best_cost = 1, None
     for s in range(1, max(1, min(cfg.split, steps)) + 1):
         slots = target.sms * per_sm

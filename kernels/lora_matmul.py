@@ -640,8 +640,8 @@ def lora_matmul(
     sa0, sa1, swn, swk, Kw, sl0, sl1, sr0, sr1, so0, so1, M, J, I_, rank = plan.ints
     wargs = kernel_args(w) if isinstance(w, Packed4bit) else (w,) * 6   # dense: decode pointers unread
     if plan.part_shape is not None:
-        part = torch.empty(plan.part_shape, dtype=torch.float32, device=out.device)
-        counts = _counters(out.device, plan.tiles)
+        # the partials' buffer is given at launch (_with_partials)
+        part, counts = None, _counters(out.device, plan.tiles)
     else:
         part = counts = out
     if lora_l is None:
@@ -666,7 +666,7 @@ def lora_matmul(
     )
     if defer:
         return Pending(key, plan, args)
-    plan.launch(*args)
+    plan.launch(*_with_partials(args, plan))
     return out
 
 
@@ -751,9 +751,9 @@ def launch_together(first: Optional[Pending], second: Optional[Pending] = None, 
         return
     if (second is None and q is None) or first.plan.gemv or (second is not None and second.plan.gemv):
         # a GEMV has a kernel of its own, which the merged kernel does not run: each piece alone
-        first.plan.launch(*first.args)
+        first.plan.launch(*_with_partials(first.args, first.plan))
         if second is not None:
-            second.plan.launch(*second.args)
+            second.plan.launch(*_with_partials(second.args, second.plan))
         if q is not None:
             dequantize_4bit(q, dq_out.dtype, out=dq_out)
         return
@@ -767,8 +767,8 @@ def launch_together(first: Optional[Pending], second: Optional[Pending] = None, 
                 raise ValueError(f"dequant out must be a contiguous [{q.N}, {q.K}] tensor on {q.device}")
             check_device(q, first.args[0])
         plan = _MULTI_PLANS[key] = _build_multi(first, second, q, device)
-    a0 = first.args
-    a1 = second.args if second is not None else a0
+    a0, a1 = _partials_together(first, second)
+    a1 = a1 if second is not None else a0
     own0, own1 = list(a0[:_N_OWN]), list(a1[:_N_OWN])
     if first.plan.splits > 1 or (second is not None and second.plan.splits > 1):
         counts = _counters(device, plan.counters)
@@ -940,3 +940,68 @@ def _lora_matmul_gemv_kernel(
     _epilogue(acc, offs_m, offs_j, pid_j * BLOCK_J, mask_m, mask_j, l_ptr, stride_lm, stride_lr, r_ptr, stride_rr,
               stride_rj, bias_ptr, out_ptr, stride_om, stride_oj, J, rank, out_scale, lora_scale, seed, p, keep_scale,
               HAS_LORA, HAS_BIAS, ACC_OUT, DROPOUT, ROUND_BASE, COMPUTE, EPI_M, BLOCK_J, BLOCK_R, ROUND_TERM)
+
+
+# ----------------------------------------------------------------------------------------------
+# split-K's partial sums: one buffer per device and stream, reused by every launch
+# ----------------------------------------------------------------------------------------------
+
+# A launch's partial sums are written and read back within that launch (each tile's last program
+# adds them), and the launches of one stream run one after another, so every launch of a stream
+# can use the same buffer: a split product then costs no allocation per call (a torch.empty on a GPU
+# costs the host about 6 µs; a training step at M <= 16 had four). Two products in one launch take
+# regions of their own. During CUDA-graph capture, and for tensor subclasses (fake tensors), each
+# call allocates its own, as before: a graph keeps the addresses it captured.
+_PARTIALS: dict = {}
+# region offsets in fp32 elements: multiples of 64 (256 B), the alignment torch.empty gives, which
+# Triton specializes the pointer on (16 B)
+PARTIALS_ALIGN = 64
+
+
+def _partials_buffer(like: torch.Tensor, numel: int) -> torch.Tensor:
+    """An fp32 buffer of at least ``numel`` elements for split-K partials on ``like``'s device."""
+    device = like.device
+    if type(like) is not torch.Tensor or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    key = (device, torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0)
+    buf = _PARTIALS.get(key)
+    if buf is None or buf.numel() < numel:
+        # the old buffer goes back to the caching allocator, which reuses it only for work queued
+        # on its stream after the launches that used it
+        buf = _PARTIALS[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
+def _part_numel(plan) -> int:
+    s, m, j = plan.part_shape
+    return -(-(s * m * j) // PARTIALS_ALIGN) * PARTIALS_ALIGN
+
+
+def _with_partials(args: tuple, plan, offset: int = 0, buf: Optional[torch.Tensor] = None) -> tuple:
+    """``args`` with the partial sums' buffer in place (at ``offset`` elements into ``buf``), for a
+    product with split-K; unchanged otherwise."""
+    if plan.part_shape is None:
+        return args
+    if buf is None:
+        buf = _partials_buffer(args[0], offset + _part_numel(plan))
+    part = buf if offset == 0 else buf[offset:]
+    return args[:_COUNT_ARG - 1] + (part,) + args[_COUNT_ARG:]
+
+
+def _partials_together(first: Pending, second: Optional[Pending]):
+    """The two products' arguments for one merged launch: disjoint regions of one buffer."""
+    n0 = _part_numel(first.plan) if first.plan.part_shape is not None else 0
+    if second is None or second.plan.part_shape is None:
+        return _with_partials(first.args, first.plan), (second.args if second is not None else None)
+    buf = _partials_buffer(first.args[0], n0 + _part_numel(second.plan))
+    return _with_partials(first.args, first.plan, 0, buf), _with_partials(second.args, second.plan, n0, buf)
+
+
+def release_partials() -> int:
+    """Frees the split-K partial-sum buffers (the next split product allocates again); returns the
+    bytes released. Peak-memory measurements call it first, so that what a call needs is counted
+    within the call."""
+    n = sum(b.numel() * b.element_size() for b in _PARTIALS.values())
+    _PARTIALS.clear()
+    return n
+

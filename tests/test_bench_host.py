@@ -31,6 +31,9 @@ def test_counting_rule_skips_views_and_allocations():
     for op in ("aten::t.default", "aten::view.default", "aten::detach.default", "aten::empty.memory_format",
                "aten::empty_like.default"):
         assert c.not_counted[op] >= 1, f"{op} missing from not_counted: {dict(c.not_counted)}"
+    # allocations: the two empties, mm's and the cast's results; not the views, not zero_ (in place)
+    assert c.allocations == {"aten::empty.memory_format": 1, "aten::empty_like.default": 1, "aten::mm.default": 1,
+                             "aten::_to_copy.default": 1}, c.allocations
 
 
 def test_gemm_4bit_counts_by_bitsandbytes_rule():
@@ -101,6 +104,28 @@ def test_host_smoke_records(host_smoke):
     assert seen[("fastlora", 16, "forward", "dequant")]["op_launches"] == 1
     assert seen[("fastlora", 16, "forward", "auto")]["op_launches"] == 0
     assert "| on | adapters | strategy | M | mode |" in stdout and "torch" in stdout, stdout
+
+
+def test_host_smoke_stack(tmp_path):
+    """--stack 3: three layers chained, one backward; every figure per layer. fastlora's launches
+    and allocations per layer are a single layer's (6 and 6 per training step: nothing per stack is
+    left over), and every layer of the stack ran the fused op in every timed call."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "host", "--smoke", "--stack", "3", "--m", "16",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"host benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    records = [r for r in harness.read_records([tmp_path / "host.jsonl"]) if r["config"]["measured_on"] == "meta"]
+    assert len(records) == 4
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        assert r["status"] == "ok" and c["stack"] == 3, (c, r.get("error"))
+        want = 6 if c["mode"] == "train_step" else 2
+        if c["provider"] == "fastlora":
+            assert (m["launches"], m["allocations"]) == (want, want), m
+            assert m["fused_calls_in_loop"] == 3 * (c["reps"] + c["warmup"]), m
+        else:   # PEFT + bitsandbytes: more of both, per layer
+            assert m["launches"] > want and m["allocations"] > want, m
+    assert "per layer of 3" in proc.stdout, proc.stdout
 
 
 def test_host_report(host_smoke, tmp_path):

@@ -236,7 +236,7 @@ def test_sm75_frozen_product_goes_to_cublas(matrix):
     from fastlora.ops import choose_strategy
 
     for M in (1, 16, 256, 4096):
-        assert choose_strategy(M, 4096, 4096, True, torch.device("cpu"), target=get_target("sm_75")) == "dequant"
+        assert choose_strategy(M, torch.device("cpu"), target=get_target("sm_75")) == "dequant"
     # and what the fused kernels would compile to there really has no tensor-core instruction
     fused = [L for r in matrix["sm_75"] for L in r.launches if L.label in ("Y", "dX")]
     assert fused and all(L.facts.mma == 0 for L in fused)
@@ -252,7 +252,7 @@ def test_strategy_thresholds_per_family():
         m0 = configs.DEQUANT_MIN_TOKENS[configs.family(t)]
         for M in (1, 16, 256, 4096, 16384, 32768):
             want = "fused" if M < m0 else "dequant"
-            assert choose_strategy(M, 4096, 4096, True, None, target=t) == want, (name, M, m0)
+            assert choose_strategy(M, None, target=t) == want, (name, M, m0)
     assert configs.DEQUANT_MIN_TOKENS["sm_75"] == 0
     # the measured families keep their measured threshold (configs.py: the H200's crossover)
     assert set(configs.MEASURED_THRESHOLDS) == {"sm_90"} and configs.DEQUANT_MIN_TOKENS["sm_90"] == 512
@@ -278,7 +278,7 @@ def test_strategy_pick_is_the_faster_by_the_model(model_matrix, target):
                     M, "train", "bf16", True, 0.05, "autocast", "nf4"):
                 total[c.strategy] = total.get(c.strategy, 0.0) + r.model_us
         assert set(total) == {"fused", "dequant"}, total
-        pick = choose_strategy(M, 4096, 4096, True, None, target=t)
+        pick = choose_strategy(M, None, target=t)
         faster = min(total, key=total.get)
         if measured:
             assert pick == faster or (pick, faster) == ("dequant", "fused"), (target, M, pick, total)
@@ -595,7 +595,9 @@ def test_split_k_moves_the_fewest_bytes():
     cfg = configs.TileConfig(16, 256, 128, 8, 2, 32)
     pick = lambda tiles: configs.splits(cfg, tiles, 4096, t, 20480, 32768)  # noqa: E731
     assert [pick(4), pick(16), pick(56), pick(512)] == [32, 8, 2, 1]
-    # never more splits than steps or than the row allows; no target (the interpreter): no split
+    # never more splits than steps or than the row allows; no target (the interpreter): the row's
+    # split as given, at most one per step
     assert configs.splits(cfg, 1, 256, t, 20480, 32768) == 2
     assert configs.splits(configs.TileConfig(16, 256, 128, 8, 2, 4), 4, 4096, t, 20480, 32768) == 4
-    assert configs.splits(cfg, 4, 4096, None, 20480, 32768) == 1
+    assert configs.splits(cfg, 4, 4096, None, 20480, 32768) == 32
+    assert configs.splits(cfg, 4, 256, None, 20480, 32768) == 2

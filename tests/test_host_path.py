@@ -60,6 +60,8 @@ def _count(M, strategy, train, target="sm_90", N=4096, K=4096, r=16, p=0.05, dty
             # AccumulateGrad could not take dA and dB as they are and would copy them (a real run
             # keeps no reference, and .grad takes the tensors the kernels wrote)
             torch.autograd.grad(y, (x, A, B), torch.empty_like(y))
+    # the last call's, for the allocation tests (less the dY this function makes with empty_like)
+    _count.allocations = {k: v for k, v in counter.allocations.items() if k != "aten::empty_like.default"}
     return len(launches), dict(counter.counted)
 
 
@@ -75,6 +77,10 @@ def test_launches_per_call_fused(M, dtype):
         total = triton_n + sum(aten.values())
         assert total == want, (f"M={M} {'train step' if train else 'forward'}: {total} launches "
                                f"({triton_n} Triton, ATen {aten}), want {want}")
+        # allocations: Y and H forward; G, dB, dA, dX backward. Split-K's partials (the products
+        # split at M <= 16 on sm_90) come from the buffer kept between calls
+        want_alloc = {"aten::empty.memory_format": 6 if train else 2}
+        assert _count.allocations == want_alloc, (M, train, _count.allocations)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,8 +93,11 @@ def test_launches_per_call_dequant(M, dtype):
     triton_n, aten = _count(M, "dequant", True, dtype=dtype)
     assert triton_n == 4, triton_n
     assert aten == {"aten::mm.default": 2}, aten        # the two cuBLAS products, nothing else
+    # H, W dequantized, G, dB, dA, W again for dX (+ the two cuBLAS results)
+    assert _count.allocations == {"aten::empty.memory_format": 6, "aten::mm.default": 2}, _count.allocations
     triton_n, aten = _count(M, "dequant", False, dtype=dtype)
     assert (triton_n, aten) == (2, {"aten::mm.default": 1}), (triton_n, aten)
+    assert _count.allocations == {"aten::empty.memory_format": 2, "aten::mm.default": 1}, _count.allocations
 
 
 def test_launch_plans_replay_triton_arguments():

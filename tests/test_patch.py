@@ -189,7 +189,7 @@ def test_dequant_strategy_through_the_patcher(case, monkeypatch):
 
     monkeypatch.setattr(ops, "INTERPRETER_DEQUANT_MIN_TOKENS", 1)                       # the interpreter's
     monkeypatch.setattr(configs, "DEQUANT_MIN_TOKENS", dict.fromkeys(configs.TABLES, 1))  # a GPU's
-    assert ops.choose_strategy(21, N_OUT, K_IN, True, torch.device(DEVICE)) == "dequant"
+    assert ops.choose_strategy(21, torch.device(DEVICE)) == "dequant"
     kw = dict(CASES[case])
     x_dtype = kw.pop("x_dtype")
     pm = make_model(**kw)

@@ -522,7 +522,7 @@ def cpu_tunable(monkeypatch):
     monkeypatch.setattr(tuning, "_interpreter_active", lambda: False)
 
 
-def _static(M, N, K, quantized, device):
+def _static(M, device):
     return "fused"
 
 
@@ -578,7 +578,7 @@ def test_the_static_rule_still_sees_the_calls_m(monkeypatch):
     tuning.reset()
     w = _packed()
 
-    def threshold(M, N, K, quantized, device):
+    def threshold(M, device):
         return "dequant" if M >= 1000 else "fused"
     assert [_pick(w, M=M, static=threshold) for M in (600, 999, 1000, 1024)] == ["fused", "fused", "dequant",
                                                                                   "dequant"]
@@ -830,7 +830,7 @@ def test_the_op_asks_the_tuned_pick_on_cuda():
     bf16 = torch.bfloat16
     tuning._PICKS[(0, 64, w.N, w.K, w.blocksize, True, "forward", bf16, True, bf16, bf16, 8)] = "dequant"
     call = ("forward", bf16, True, bf16, bf16, 8)
-    assert ops.choose_strategy(40, w.N, w.K, True, torch.device("cpu")) == "fused"
+    assert ops.choose_strategy(40, torch.device("cpu")) == "fused"
     assert ops._resolve("auto", 40, w.N, w.K, w, dev, *call) == "dequant"
     assert ops._resolve("fused", 40, w.N, w.K, w, dev, *call) == "fused"
     assert ops._resolve("auto", 40, w.N, w.K, w, torch.device("cpu"), *call) == "fused"
