@@ -12,7 +12,8 @@
 #   gemv      python -m benchmarks.bench_gemv: the frozen 4-bit product at M <= 16, GPU time of the GEMV
 #             kernel, the tensor-core kernel, dequantize + cuBLAS, bitsandbytes and the bf16 floor
 #   breakdown python -m benchmarks.host_breakdown: where a real eager layer call's host time goes
-#   host      python -m benchmarks host: host µs per layer call, stubbed and on the real GPU
+#   host      python -m benchmarks host: host µs per layer call, stubbed and on the real GPU; then per
+#             layer of 8 chained layers (--stack 8)
 #   bench     python -m benchmarks layer at the Llama-3-8B projections, every provider (what is left)
 #
 # Usage (from anywhere; it works in the repository root):
@@ -98,6 +99,7 @@ GPU_TESTS=(
     tests/test_host_path.py::test_split_k_in_kernel_sum_is_deterministic_on_gpu
     tests/test_host_path.py::test_cuda_graph_capture_replays_like_eager
     tests/test_host_path.py::test_host_seed_reproduced_under_checkpoint_rng_restore
+    tests/test_partials.py::test_gpu_capture_allocates_its_own_and_merged_equals_alone
     tests/test_tuning.py::test_gpu_pick_is_within_5_percent_of_the_best_measured_again
     tests/test_tuning.py::test_gpu_first_call_tunes_and_writes_the_cache
     tests/test_gpu_targets.py::test_compiled_for_own_target_equals_real_launch
@@ -438,7 +440,12 @@ else
         arch="$("$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"sm_{p.major}{p.minor}")' 2>/dev/null)"
         FASTLORA_CACHE_DIR="$cache_dir" run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --m 16 \
             --strategy auto --reps 100 --target "${arch:-sm_90}" --out "$out"
-        record host "$step_status" "$step_secs" "host.log, host.jsonl" "target ${arch:-sm_90}"
+        host_status="$step_status" host_secs="$step_secs"
+        # the same per layer of 8 chained layers (one backward for all, as in a model), appended
+        FASTLORA_CACHE_DIR="$cache_dir" run_step host "$CAP_HOST" host.log "$PY" -m benchmarks host --m 1,16 \
+            --stack 8 --adapters autocast --strategy auto --reps 50 --target "${arch:-sm_90}" --out "$out"
+        record host "$host_status; stack 8: $step_status" "$(( host_secs + step_secs ))" "host.log, host.jsonl" \
+            "target ${arch:-sm_90}"
     fi
 fi
 
