@@ -738,6 +738,12 @@ def unpatch(model: nn.Module) -> List[str]:
     restored += liger_restored
     wrapped += liger_wrapped
     logger.info("unpatched %d LoRA layers", len(restored))
+    if restored:
+        # split-K's partials buffer, kept between calls: a later call of a patched layer allocates
+        # it again
+        from .kernels.lora_matmul import release_partials
+
+        release_partials()
     if wrapped:
         msg = (f"left {len(wrapped)} layer(s) patched because their forward was wrapped after "
                f"fastlora.patch (e.g. {wrapped[0]}); remove that wrapper first")

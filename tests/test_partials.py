@@ -110,6 +110,32 @@ def test_buffer_grows_and_is_released():
     assert not lm._PARTIALS and lm.release_partials() == 0
 
 
+def test_unpatch_releases_the_buffer():
+    """fastlora.unpatch gives the buffer back: an unpatched model leaves nothing of fastlora's on the
+    device."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    import fastlora
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(128, 64, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(3)
+    model = get_peft_model(Net().to(DEVICE), LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    fastlora.patch(model)
+    with configs.override("dense", SPLIT), configs.override("lora", SPLIT):
+        model(torch.randn(5, 128, device=DEVICE)).sum().backward()
+    assert lm._PARTIALS, "no split product ran"
+    fastlora.unpatch(model)
+    assert not lm._PARTIALS
+
+
 def test_fake_tensors_get_their_own_buffer():
     """A tensor subclass (a FakeTensor under torch.compile or the memory benchmark) never becomes
     the shared buffer: each call gets a buffer of its own, and the shared one is untouched."""
