@@ -14,7 +14,9 @@ time to enqueue; the GPU is synchronized between calls, so its queue is empty at
   the device's autograd thread: the thread hand-off's share).
 - ``launch``: each of a step's Triton launches alone, called again with the arguments it had
   (``Prepared.__call__``: device and stream lookup, Triton's C launcher packing the arguments,
-  ``cuLaunchKernel``), with its argument count.
+  ``cuLaunchKernel``), with its argument count; then the same launch with its pointer arguments
+  given as ints (Triton's launcher calls ``data_ptr()`` and ``cuPointerGetAttribute`` for a tensor,
+  and takes an int as the address), converted once and converted in Python on every call.
 - ``parts``: single pieces of a call: ``torch.empty`` on the GPU, ``torch.cuda.current_device``,
   the stream lookup, ``is_current_stream_capturing``, the host-drawn dropout seed, the strategy
   lookup (``tuning.pick``), one ``lora_matmul`` resolve with the launch deferred, a bare
@@ -206,6 +208,24 @@ def main(argv=None) -> int:
                             rec("launch", f"{what} launch {i}: {kname}",
                                 _time(lambda prep=prep, largs=largs: prep(*largs), reps, sync),
                                 nargs=len(largs) + len(prep.tail or ()), **cfg)
+                            if cuda and prep.compiled is not None:
+                                # Triton's launcher calls data_ptr() and cuPointerGetAttribute for
+                                # each tensor argument, and takes an int as the address itself:
+                                # the same launch with its pointers given as ints (converted once,
+                                # then in Python on every call), to price that driver query
+                                ptr = [j for j, v in enumerate(largs) if isinstance(v, torch.Tensor)]
+                                ints = tuple(v.data_ptr() if j in ptr else v for j, v in enumerate(largs))
+                                rec("launch", f"{what} launch {i}: pointers as ints",
+                                    _time(lambda prep=prep, ints=ints: prep(*ints), reps, sync),
+                                    pointers=len(ptr), **cfg)
+
+                                def converted(prep=prep, largs=largs, ptr=ptr):
+                                    v = list(largs)
+                                    for j in ptr:
+                                        v[j] = v[j].data_ptr()
+                                    prep(*v)
+                                rec("launch", f"{what} launch {i}: ints converted per call",
+                                    _time(converted, reps, sync), pointers=len(ptr), **cfg)
             if adapters == "bf16" and M == Ms[-1]:
                 A = fl_layer.lora_A["default"].weight
                 h = torch.empty((M, 16), dtype=torch.bfloat16, device=device)
